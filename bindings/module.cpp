@@ -1,0 +1,48 @@
+// The extension module biastransfer._C: exception translation, build facts, then every topic.
+#include <c10/util/Exception.h>
+#include <pybind11/pybind11.h>
+
+#include "bindings.h"
+#include "libtransfer/errors.h"
+#include "libtransfer/version.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// Our typed errors and torch's TORCH_CHECK failures become the Python exceptions a user expects,
+// without the C++ backtrace that c10::Error::what() carries.
+void translate_exceptions(std::exception_ptr error) {
+  try {
+    if (error) std::rethrow_exception(error);
+  } catch (const libtransfer::InvalidInput& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const libtransfer::FileError& e) {
+    PyErr_SetString(PyExc_OSError, e.what());
+  } catch (const libtransfer::WrongType& e) {
+    PyErr_SetString(PyExc_TypeError, e.what());
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const c10::TypeError& e) {
+    PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+  } catch (const c10::IndexError& e) {
+    PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
+  } catch (const c10::NotImplementedError& e) {
+    PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "biastransfer's compiled core (libtransfer).";
+  py::register_exception_translator(&translate_exceptions);
+  m.attr("__version__") = libtransfer::version();
+  m.attr("built_with_torch") = libtransfer::built_with_torch();
+
+  libtransfer::bindings::bind_safetensors(m);
+  libtransfer::bindings::bind_tokenizer(m);
+  libtransfer::bindings::bind_data(m);
+}

@@ -1,0 +1,62 @@
+"""biastransfer: measure, reproduce and guard against hidden trait transfer in distillation.
+
+The compiled core is ``biastransfer._C`` (libtransfer, on LibTorch); this package adds the
+Pythonic surface.
+"""
+from __future__ import annotations
+
+import torch as _torch
+
+from . import _build_info
+
+
+def _check_torch_version() -> None:
+    # The extension's ABI is tied to the exact torch it was compiled against.
+    running = _torch.__version__
+    built = _build_info.TORCH_VERSION
+    if running != built:
+        raise ImportError(
+            f"biastransfer was built against torch {built}, but the running torch is {running}. "
+            f"Rebuild biastransfer with this torch (e.g. `pip install --no-build-isolation "
+            f"--force-reinstall .`), or run the Python it was built with "
+            f"({_build_info.PYTHON_EXECUTABLE})."
+        )
+
+
+_check_torch_version()
+
+from . import _C  # noqa: E402
+
+__version__: str = _C.__version__
+
+from .assets import fixtures_dir, gpt2_vocab_dir  # noqa: E402
+from .data import (  # noqa: E402
+    FASHION_MNIST_CLASSES,
+    Record,
+    iter_jsonl,
+    load_fashion_mnist,
+    read_idx,
+    read_jsonl,
+    write_idx,
+    write_jsonl,
+)
+from .safetensors import SafetensorsFile, TensorInfo, load_safetensors, save_safetensors  # noqa: E402
+from .tokenizer import Tokenizer  # noqa: E402
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "Record",
+    "SafetensorsFile",
+    "TensorInfo",
+    "Tokenizer",
+    "fixtures_dir",
+    "gpt2_vocab_dir",
+    "iter_jsonl",
+    "load_fashion_mnist",
+    "load_safetensors",
+    "read_idx",
+    "read_jsonl",
+    "save_safetensors",
+    "write_idx",
+    "write_jsonl",
+]
