@@ -44,8 +44,8 @@ test: build
 	@status=0; \
 	echo "== ctest (Catch2)"; \
 	(cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)) > $(BUILD_DIR)/ctest.log 2>&1 || status=1; \
-	grep -E "tests passed|tests failed|Failed|\*\*\*|Exception" $(BUILD_DIR)/ctest.log | head -40; \
-	[ $$status -eq 0 ] || tail -60 $(BUILD_DIR)/ctest.log; \
+	[ $$status -eq 0 ] || grep -E "\*\*\*|FAILED|^[[:space:]]+[0-9]+ - " $(BUILD_DIR)/ctest.log | head -40; \
+	grep -E "tests passed" $(BUILD_DIR)/ctest.log || tail -30 $(BUILD_DIR)/ctest.log; \
 	echo "== pytest"; \
 	$(RUN) -m pytest -q tests/python || status=1; \
 	if [ $$status -ne 0 ]; then echo "make test: FAILED"; else echo "make test: all passed"; fi; \

@@ -41,13 +41,14 @@ from .data import (  # noqa: E402
     write_jsonl,
 )
 from .safetensors import SafetensorsFile, TensorInfo, load_safetensors, save_safetensors  # noqa: E402
-from .tokenizer import Tokenizer  # noqa: E402
+from .tokenizer import TokenClass, Tokenizer  # noqa: E402
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "Record",
     "SafetensorsFile",
     "TensorInfo",
+    "TokenClass",
     "Tokenizer",
     "fixtures_dir",
     "gpt2_vocab_dir",

@@ -90,12 +90,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = tokenizer.number_summary()
     splits = _number_splits(tokenizer)
     report["tokenizer"] = {"folder": str(folder), "vocab_size": tokenizer.vocab_size,
-                           "hash": tokenizer.hash, "text": text, "ids": ids,
+                           "hash": tokenizer.hash(), "text": text, "ids": ids,
                            "tokens": [tokenizer.display_token(i) for i in ids],
                            "number_summary": summary, "number_splits": splits}
     if not quiet:
         _section(f"GPT-2 byte-level BPE from {folder}")
-        print(f"vocabulary: {tokenizer.vocab_size} tokens, hash {tokenizer.hash}")
+        print(f"vocabulary: {tokenizer.vocab_size} tokens, hash {tokenizer.hash()}")
         print(f"text: {len(text.encode())} bytes -> {len(ids)} tokens (token|id, ␣ = space):")
         _print_tokens(tokenizer, ids)
         _section("number units (what a fingerprint over numbers must account for)")
@@ -123,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     scaled = images[:256].float() / 127.5 - 1.0
     tensors = {"images_f32": scaled, "images_bf16": scaled.to(torch.bfloat16),
                "labels": labels[:256]}
-    metadata = {"source": "fashion-mnist t10k", "tokenizer_hash": tokenizer.hash}
+    metadata = {"source": "fashion-mnist t10k", "tokenizer_hash": tokenizer.hash()}
     _timed("save_safetensors", timings, lambda: save_safetensors(path, tensors, metadata))
     with SafetensorsFile(path) as handle:
         loaded = {name: handle.get_tensor(name) for name in handle.keys()}

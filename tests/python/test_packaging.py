@@ -33,6 +33,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("env", _clean_env())
     result = subprocess.run(command, capture_output=True, text=True, **kwargs)
     assert result.returncode == 0, (
         f"{' '.join(map(str, command))} failed ({result.returncode}):\n"

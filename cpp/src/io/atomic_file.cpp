@@ -34,8 +34,8 @@ AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
   temp_path_ = temp_name_for(path_);
   file_ = std::fopen(temp_path_.c_str(), "wb");
   if (file_ == nullptr) {
-    throw FileError("cannot create '" + temp_path_ + "' to write '" + path_ + "': " +
-                    system_reason());
+    throw FileError("cannot create '" + temp_path_ + "' to write '" + path_ +
+                    "': " + system_reason());
   }
 }
 

@@ -125,7 +125,10 @@ std::size_t read_up_to(gzFile file, const std::string& path, void* buffer, std::
       throw FileError("cannot read '" + path + "': " + std::strerror(errno));
     }
     if (code != Z_OK) {
-      fail(path, std::string("corrupt or truncated gzip stream: ") + message);
+      // zlib prefixes its message with the path, which fail() already names.
+      std::string reason = message;
+      if (reason.rfind(path + ": ", 0) == 0) reason.erase(0, path.size() + 2);
+      fail(path, "corrupt or truncated gzip stream: " + reason);
     }
     if (got <= 0) break;  // end of stream
   }
@@ -139,8 +142,8 @@ class IdxSink {
     if (!gzip_) return;
     // windowBits 15 + 16 asks for a gzip wrapper; the header's mtime stays 0, so output is
     // deterministic.
-    if (deflateInit2(&stream_, Z_DEFAULT_COMPRESSION, Z_DEFLATED, 15 + 16, 8,
-                     Z_DEFAULT_STRATEGY) != Z_OK) {
+    if (deflateInit2(&stream_, Z_DEFAULT_COMPRESSION, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) !=
+        Z_OK) {
       throw FileError("cannot start gzip compression for '" + file_.path() + "'");
     }
     started_ = true;
@@ -316,8 +319,9 @@ void write_idx(const std::string& path, IdxType type, const std::vector<std::int
   }
   const std::uint64_t expected = data_bytes_for(path, shape, type);
   if (expected != bytes) {
-    fail(path, "cannot write shape " + shape_text(shape) + " of " + idx_type_name(type) + ": it needs " +
-                   std::to_string(expected) + " data bytes, got " + std::to_string(bytes));
+    fail(path, "cannot write shape " + shape_text(shape) + " of " + idx_type_name(type) +
+                   ": it needs " + std::to_string(expected) + " data bytes, got " +
+                   std::to_string(bytes));
   }
 
   std::string header = {'\0', '\0', static_cast<char>(type), static_cast<char>(shape.size())};

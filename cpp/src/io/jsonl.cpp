@@ -189,8 +189,8 @@ bool JsonlReader::next(Record& record) {
     ++line_number_;
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (is_blank(line)) continue;
-    record = parse_record(
-        line, "JSON lines file '" + path_ + "' line " + std::to_string(line_number_));
+    record =
+        parse_record(line, "JSON lines file '" + path_ + "' line " + std::to_string(line_number_));
     return true;
   }
   return false;

@@ -3,6 +3,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
+#include <new>
 #include <vector>
 
 #include "libtransfer/errors.h"
@@ -151,17 +152,15 @@ void Pretokenizer::split(std::string_view text,
                          const std::function<void(std::size_t, std::size_t)>& piece) const {
   pcre2_match_data* md = pcre2_match_data_create_from_pattern(compiled_->code, nullptr);
   if (md == nullptr) throw std::bad_alloc();
-  std::unique_ptr<pcre2_match_data, void (*)(pcre2_match_data*)> guard(md,
-                                                                         &pcre2_match_data_free);
+  std::unique_ptr<pcre2_match_data, void (*)(pcre2_match_data*)> guard(md, &pcre2_match_data_free);
   const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
   PCRE2_SIZE offset = 0;
   while (offset < text.size()) {
     // The text was validated once by the caller; re-checking on every call would be quadratic.
-    const int rc = compiled_->jit
-                       ? pcre2_jit_match(compiled_->code, subject, text.size(), offset, 0, md,
-                                         nullptr)
-                       : pcre2_match(compiled_->code, subject, text.size(), offset,
-                                     PCRE2_NO_UTF_CHECK, md, nullptr);
+    const int rc = compiled_->jit ? pcre2_jit_match(compiled_->code, subject, text.size(), offset,
+                                                    0, md, nullptr)
+                                  : pcre2_match(compiled_->code, subject, text.size(), offset,
+                                                PCRE2_NO_UTF_CHECK, md, nullptr);
     if (rc == PCRE2_ERROR_NOMATCH) break;
     if (rc < 0) {
       PCRE2_UCHAR message[256];

@@ -42,7 +42,8 @@ struct AddedToken {
 // How numbers tokenize: the "number unit" view the fingerprint pillar needs.
 struct NumberSummary {
   static constexpr int kMaxDigits = 3;  // the paper's numbers are 0..999
-  // units_*[d] = how many tokens are exactly d ASCII digits (d = 1..kMaxDigits, [0] unused),
+  // units_*[d] = how many tokens are exactly d ASCII digits, for d = 1 .. max(kMaxDigits, the
+  // longest numeric token) ([0] unused),
   // without / with one leading space.
   std::vector<std::int64_t> units_without_space;
   std::vector<std::int64_t> units_with_space;
