@@ -8,5 +8,9 @@ namespace libtransfer::bindings {
 void bind_safetensors(pybind11::module_& m);  // bindings/safetensors.cpp
 void bind_tokenizer(pybind11::module_& m);    // bindings/tokenizer.cpp
 void bind_data(pybind11::module_& m);         // bindings/data.cpp (IDX, JSON lines)
+void bind_stats(pybind11::module_& m);        // bindings/stats.cpp (tests, corrections, tails)
+void bind_fingerprint(pybind11::module_& m);  // bindings/fingerprint.cpp (accumulator, Fingerprint)
+void bind_fingerprint_inputs(pybind11::module_& m);  // bindings/fingerprint_inputs.cpp (top-k,
+                                                     // samples, comparisons)
 
 }  // namespace libtransfer::bindings

@@ -45,4 +45,7 @@ PYBIND11_MODULE(_C, m) {
   libtransfer::bindings::bind_safetensors(m);
   libtransfer::bindings::bind_tokenizer(m);
   libtransfer::bindings::bind_data(m);
+  libtransfer::bindings::bind_stats(m);
+  libtransfer::bindings::bind_fingerprint(m);
+  libtransfer::bindings::bind_fingerprint_inputs(m);
 }

@@ -1,0 +1,5 @@
+// Placeholder until the fingerprint bindings land (replaced by the helper that owns this file).
+#include "bindings.h"
+namespace libtransfer::bindings {
+void bind_fingerprint(pybind11::module_& m) {}
+}  // namespace libtransfer::bindings
