@@ -13,7 +13,6 @@ from pathlib import Path
 def main() -> int:
     here = Path(__file__).resolve().parent
     scripts = sorted(here.glob("bench_*.py"))
-    print(f"{'benchmark':<24} {'ours':>14} {'baseline':>14} {'ratio':>8}  target")
     failures = 0
     for script in scripts:
         result = subprocess.run([sys.executable, str(script)])
