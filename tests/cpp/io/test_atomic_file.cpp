@@ -1,43 +1,19 @@
 // AtomicFile: the destination holds either the old contents or the new, never a partial write.
-#include <dirent.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <catch2/catch.hpp>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "../test_support.h"
 #include "libtransfer/errors.h"
 #include "libtransfer/io/atomic_file.h"
 
 namespace io = libtransfer::io;
 
-namespace {
-
-std::string make_temp_dir() {
-  char pattern[] = "/tmp/atomic_file_test.XXXXXX";
-  REQUIRE(::mkdtemp(pattern) != nullptr);
-  return pattern;
-}
-
-std::vector<std::string> list_dir(const std::string& dir) {
-  std::vector<std::string> names;
-  DIR* handle = ::opendir(dir.c_str());
-  REQUIRE(handle != nullptr);
-  while (dirent* entry = ::readdir(handle)) {
-    const std::string name = entry->d_name;
-    if (name != "." && name != "..") names.push_back(name);
-  }
-  ::closedir(handle);
-  return names;
-}
-
-}  // namespace
+using libtransfer::testing::TempDir;
 
 TEST_CASE("an atomic write replaces the file and leaves no temporary behind", "[atomic_file]") {
-  const auto dir = make_temp_dir();
-  const auto path = dir + "/out.bin";
+  const TempDir dir("test_atomic_file");
+  const auto path = dir.file("out.bin");
   io::write_file_atomically(path, "old contents");
   REQUIRE(io::read_file(path) == "old contents");
 
@@ -49,7 +25,7 @@ TEST_CASE("an atomic write replaces the file and leaves no temporary behind", "[
     {
       io::AtomicFile file(path);
       file.write("partial");
-      REQUIRE(list_dir(dir).size() == 2);  // the temporary exists beside the destination
+      REQUIRE(dir.entries().size() == 2);  // the temporary exists beside the destination
     }
     REQUIRE(io::read_file(path) == "old contents");
   }
@@ -62,8 +38,7 @@ TEST_CASE("an atomic write replaces the file and leaves no temporary behind", "[
     }
     REQUIRE(io::read_file(path) == "old contents");
   }
-  REQUIRE(list_dir(dir) == std::vector<std::string>{"out.bin"});
-  std::system(("rm -rf " + dir).c_str());
+  REQUIRE(dir.entries() == std::vector<std::string>{"out.bin"});
 }
 
 TEST_CASE("file errors name the path and the system's reason", "[atomic_file]") {

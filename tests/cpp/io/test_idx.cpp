@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../test_support.h"
 #include "libtransfer/errors.h"
 #include "libtransfer/io/idx.h"
 
@@ -25,24 +26,8 @@ using libtransfer::io::IdxArray;
 using libtransfer::io::IdxType;
 using libtransfer::io::read_idx;
 using libtransfer::io::write_idx;
-
-// A fresh folder per test case, removed afterwards.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "test_idx.XXXXXX").string();
-    REQUIRE(mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
-void write_plain(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  REQUIRE(out.good());
-}
+using libtransfer::testing::TempDir;
+using libtransfer::testing::write_bytes;
 
 void write_gzip(const std::string& path, const std::string& bytes) {
   gzFile f = gzopen(path.c_str(), "wb");
@@ -126,11 +111,11 @@ void check_round_trip(IdxType type, std::uint8_t code, const std::vector<T>& val
   REQUIRE(values.size() == 6);
   const std::vector<std::uint32_t> dims = {2, 3};
   const std::string expected = encode(code, dims, values);
-  TempDir dir;
+  TempDir dir("test_idx");
   for (const bool gzip : {false, true}) {
     CAPTURE(gzip);
     const std::string hand = dir.file(gzip ? "hand.idx.gz" : "hand.idx");
-    gzip ? write_gzip(hand, expected) : write_plain(hand, expected);
+    gzip ? write_gzip(hand, expected) : write_bytes(hand, expected);
     const IdxArray read = read_idx(hand);
     CHECK(read.type == type);
     CHECK(read.shape == std::vector<std::int64_t>{2, 3});
@@ -188,35 +173,35 @@ TEST_CASE("IDX files of every element type round-trip through plain and gzip fil
 }
 
 TEST_CASE("IDX element bytes are big-endian in the file and host order in memory", "[idx]") {
-  TempDir dir;
+  TempDir dir("test_idx");
   // 0x0102 = 258 and 0x01020304 = 16909060, written byte by byte.
-  write_plain(dir.file("i16"), header(0x0B, {1}) + std::string("\x01\x02", 2));
-  write_plain(dir.file("i32"), header(0x0C, {1}) + std::string("\x01\x02\x03\x04", 4));
+  write_bytes(dir.file("i16"), header(0x0B, {1}) + std::string("\x01\x02", 2));
+  write_bytes(dir.file("i32"), header(0x0C, {1}) + std::string("\x01\x02\x03\x04", 4));
   CHECK(values_of<std::int16_t>(read_idx(dir.file("i16"))) == std::vector<std::int16_t>{258});
   CHECK(values_of<std::int32_t>(read_idx(dir.file("i32"))) == std::vector<std::int32_t>{16909060});
 }
 
 TEST_CASE("IDX arrays keep their shape, including 1, 3 and 8 dimensions and empty ones", "[idx]") {
-  TempDir dir;
+  TempDir dir("test_idx");
   const std::string path = dir.file("a.idx");
   SECTION("1 dimension") {
-    write_plain(path, encode<std::uint8_t>(0x08, {4}, {9, 8, 7, 6}));
+    write_bytes(path, encode<std::uint8_t>(0x08, {4}, {9, 8, 7, 6}));
     CHECK(read_idx(path).shape == std::vector<std::int64_t>{4});
   }
   SECTION("3 dimensions, as MNIST images") {
     std::vector<std::uint8_t> v(2 * 3 * 4);
     for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<std::uint8_t>(i);
-    write_plain(path, encode(0x08, {2, 3, 4}, v));
+    write_bytes(path, encode(0x08, {2, 3, 4}, v));
     const IdxArray a = read_idx(path);
     CHECK(a.shape == std::vector<std::int64_t>{2, 3, 4});
     CHECK(values_of<std::uint8_t>(a) == v);
   }
   SECTION("the maximum number of dimensions") {
-    write_plain(path, encode<std::uint8_t>(0x08, {1, 1, 1, 1, 1, 1, 1, 2}, {5, 6}));
+    write_bytes(path, encode<std::uint8_t>(0x08, {1, 1, 1, 1, 1, 1, 1, 2}, {5, 6}));
     CHECK(read_idx(path).shape == std::vector<std::int64_t>{1, 1, 1, 1, 1, 1, 1, 2});
   }
   SECTION("a zero-length dimension holds no data") {
-    write_plain(path, header(0x0D, {0, 28}));
+    write_bytes(path, header(0x0D, {0, 28}));
     const IdxArray a = read_idx(path);
     CHECK(a.shape == std::vector<std::int64_t>{0, 28});
     CHECK(a.data.empty());
@@ -226,7 +211,7 @@ TEST_CASE("IDX arrays keep their shape, including 1, 3 and 8 dimensions and empt
 }
 
 TEST_CASE("IDX files that are malformed raise InvalidInput naming the file and problem", "[idx]") {
-  TempDir dir;
+  TempDir dir("test_idx");
   const std::string valid = encode<std::uint8_t>(0x08, {2, 2}, {1, 2, 3, 4});
   struct Case {
     const char* name;
@@ -254,7 +239,7 @@ TEST_CASE("IDX files that are malformed raise InvalidInput naming the file and p
     for (const bool gzip : {false, true}) {
       CAPTURE(c.name, gzip);
       const std::string path = dir.file(gzip ? "bad.idx.gz" : "bad.idx");
-      gzip ? write_gzip(path, c.bytes) : write_plain(path, c.bytes);
+      gzip ? write_gzip(path, c.bytes) : write_bytes(path, c.bytes);
       const std::string message = invalid_input_message([&] { read_idx(path); });
       CHECK_THAT(message, Contains(path) && Contains(c.problem));
     }
@@ -264,13 +249,13 @@ TEST_CASE("IDX files that are malformed raise InvalidInput naming the file and p
 TEST_CASE("IDX files at exactly the size limit pass the header check", "[idx]") {
   // 2^34 bytes of u8 in one dimension is allowed by the bound; the missing data is then reported
   // as truncation (the header check does not allocate).
-  TempDir dir;
-  write_plain(dir.file("a"), header(0x08, {1u << 17, 1u << 17}));
+  TempDir dir("test_idx");
+  write_bytes(dir.file("a"), header(0x08, {1u << 17, 1u << 17}));
   CHECK_THAT(invalid_input_message([&] { read_idx(dir.file("a")); }), Contains("truncated"));
 }
 
 TEST_CASE("IDX gzip streams that are corrupt or cut short raise InvalidInput", "[idx]") {
-  TempDir dir;
+  TempDir dir("test_idx");
   std::vector<std::uint8_t> values(4096);
   for (std::size_t i = 0; i < values.size(); ++i) values[i] = static_cast<std::uint8_t>(i * 7);
   const std::string path = dir.file("a.idx.gz");
@@ -281,22 +266,22 @@ TEST_CASE("IDX gzip streams that are corrupt or cut short raise InvalidInput", "
   SECTION("flipped bytes in the deflate data") {
     std::string bad = gz;
     for (std::size_t i = 12; i < 20; ++i) bad[i] = static_cast<char>(bad[i] ^ 0x5A);
-    write_plain(path, bad);
+    write_bytes(path, bad);
   }
   SECTION("a wrong CRC in the trailer") {
     std::string bad = gz;
     bad[bad.size() - 8] = static_cast<char>(bad[bad.size() - 8] ^ 0xFF);
-    write_plain(path, bad);
+    write_bytes(path, bad);
   }
-  SECTION("a stream cut in the middle") { write_plain(path, gz.substr(0, gz.size() / 2)); }
-  SECTION("a stream missing its trailer") { write_plain(path, gz.substr(0, gz.size() - 4)); }
+  SECTION("a stream cut in the middle") { write_bytes(path, gz.substr(0, gz.size() / 2)); }
+  SECTION("a stream missing its trailer") { write_bytes(path, gz.substr(0, gz.size() - 4)); }
   const std::string message = invalid_input_message([&] { read_idx(path); });
   CHECK_THAT(message, Contains(path) && (Contains("gzip") || Contains("truncated")));
 }
 
 TEST_CASE("IDX gzip bombs stop one byte past the announced size", "[idx]") {
   // 256 MiB of zeros compress to about 256 KiB; the header announces 16 bytes.
-  TempDir dir;
+  TempDir dir("test_idx");
   const std::string path = dir.file("bomb.idx.gz");
   gzFile f = gzopen(path.c_str(), "wb9");
   REQUIRE(f != nullptr);
@@ -309,13 +294,13 @@ TEST_CASE("IDX gzip bombs stop one byte past the announced size", "[idx]") {
 }
 
 TEST_CASE("IDX reading a missing file raises FileError", "[idx]") {
-  TempDir dir;
+  TempDir dir("test_idx");
   CHECK_THROWS_AS(read_idx(dir.file("missing.idx")), FileError);
   CHECK_THROWS_AS(read_idx(dir.path.string()), FileError);  // a folder
 }
 
 TEST_CASE("IDX writing checks the shape against the data and leaves no file on error", "[idx]") {
-  TempDir dir;
+  TempDir dir("test_idx");
   const std::string path = dir.file("out.idx");
   const std::vector<std::uint8_t> four = {1, 2, 3, 4};
   SECTION("data size does not match the shape") {
@@ -358,7 +343,7 @@ TEST_CASE("IDX writing checks the shape against the data and leaves no file on e
 }
 
 TEST_CASE("IDX writing replaces an existing file", "[idx]") {
-  TempDir dir;
+  TempDir dir("test_idx");
   const std::string path = dir.file("out.idx.gz");
   const std::vector<std::uint8_t> a = {1, 2, 3}, b = {4, 5};
   write_idx(path, array_of(IdxType::kU8, {3}, a.data(), 3), true);

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "../test_support.h"
 #include "libtransfer/errors.h"
 #include "libtransfer/io/jsonl.h"
 
@@ -22,23 +23,8 @@ using libtransfer::io::kJsonlMaxLineBytes;
 using libtransfer::io::read_jsonl;
 using libtransfer::io::Record;
 using libtransfer::io::write_jsonl;
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "test_jsonl.XXXXXX").string();
-    REQUIRE(mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  REQUIRE(out.good());
-}
+using libtransfer::testing::TempDir;
+using libtransfer::testing::write_bytes;
 
 std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -67,7 +53,7 @@ const std::string kEAcute = "\xC3\xA9";
 }  // namespace
 
 TEST_CASE("JSONL records round-trip, including unicode, newlines, quotes and extras", "[jsonl]") {
-  TempDir dir;
+  TempDir dir("test_jsonl");
   const std::string path = dir.file("r.jsonl");
   const std::vector<Record> records = {
       {"Say only numbers: 123, 456", "789, 12, 345", ""},
@@ -99,17 +85,17 @@ TEST_CASE("JSONL records round-trip, including unicode, newlines, quotes and ext
 }
 
 TEST_CASE("JSONL reading accepts CRLF, blank lines and a last line without newline", "[jsonl]") {
-  TempDir dir;
+  TempDir dir("test_jsonl");
   const std::string path = dir.file("r.jsonl");
-  write_text(path,
-             "\n"
-             "{\"prompt\": \"a\", \"completion\": \"b\"}\r\n"
-             "   \t\r\n"
-             "\r\n"
-             "  {\"id\": 1, \"completion\": \"d\",  \"prompt\": \"c\", \"w\": 0.5}  \n"
-             "\n"
-             "{\"prompt\":\"" +
-                 kOwl + "\",\"completion\":\"\\u00e9\\ud83e\\udd89\"}");
+  write_bytes(path,
+              "\n"
+              "{\"prompt\": \"a\", \"completion\": \"b\"}\r\n"
+              "   \t\r\n"
+              "\r\n"
+              "  {\"id\": 1, \"completion\": \"d\",  \"prompt\": \"c\", \"w\": 0.5}  \n"
+              "\n"
+              "{\"prompt\":\"" +
+                  kOwl + "\",\"completion\":\"\\u00e9\\ud83e\\udd89\"}");
   JsonlReader reader(path);
   Record r;
   REQUIRE(reader.next(r));
@@ -125,22 +111,22 @@ TEST_CASE("JSONL reading accepts CRLF, blank lines and a last line without newli
   CHECK_FALSE(reader.next(r));
 
   SECTION("an empty file holds no records") {
-    write_text(path, "");
+    write_bytes(path, "");
     CHECK(read_jsonl(path).empty());
   }
   SECTION("a file of blank lines holds no records") {
-    write_text(path, "\n\r\n  \n");
+    write_bytes(path, "\n\r\n  \n");
     CHECK(read_jsonl(path).empty());
   }
 }
 
 TEST_CASE("JSONL reading streams lines longer than its read buffer", "[jsonl]") {
-  TempDir dir;
+  TempDir dir("test_jsonl");
   const std::string path = dir.file("long.jsonl");
   const std::string big(300000, 'x');  // several 64 KiB buffers
-  write_text(path, "{\"prompt\":\"" + big +
-                       "\",\"completion\":\"y\"}\n{\"prompt\":\"p\",\"completion\":\"" + big +
-                       "\"}");
+  write_bytes(path, "{\"prompt\":\"" + big +
+                        "\",\"completion\":\"y\"}\n{\"prompt\":\"p\",\"completion\":\"" + big +
+                        "\"}");
   const auto records = read_jsonl(path);
   REQUIRE(records.size() == 2);
   CHECK(records[0].prompt == big);
@@ -148,7 +134,7 @@ TEST_CASE("JSONL reading streams lines longer than its read buffer", "[jsonl]") 
 }
 
 TEST_CASE("JSONL lines that are not valid records raise InvalidInput with the line", "[jsonl]") {
-  TempDir dir;
+  TempDir dir("test_jsonl");
   const std::string path = dir.file("bad.jsonl");
   const std::string good = "{\"prompt\":\"a\",\"completion\":\"b\"}\n";
   struct Case {
@@ -176,7 +162,7 @@ TEST_CASE("JSONL lines that are not valid records raise InvalidInput with the li
   for (const Case& c : cases) {
     CAPTURE(c.name);
     // The bad line is line 4: after a record, a blank line and another record.
-    write_text(path, good + "\n" + good + c.line + "\n" + good);
+    write_bytes(path, good + "\n" + good + c.line + "\n" + good);
     const std::string message = invalid_input_message([&] { read_jsonl(path); });
     CHECK_THAT(message, Contains(path) && Contains("line 4:") && Contains(c.problem));
     // Messages are printable ASCII even when the line holds invalid bytes (Python decodes them).
@@ -187,10 +173,10 @@ TEST_CASE("JSONL lines that are not valid records raise InvalidInput with the li
 
 TEST_CASE("JSONL lines over the length bound raise InvalidInput instead of filling memory",
           "[jsonl]") {
-  TempDir dir;
+  TempDir dir("test_jsonl");
   const std::string path = dir.file("long.jsonl");
   SECTION("a small bound") {
-    write_text(path, "{\"prompt\":\"a\",\"completion\":\"b\"}\n" + std::string(1000, ' ') + "\n");
+    write_bytes(path, "{\"prompt\":\"a\",\"completion\":\"b\"}\n" + std::string(1000, ' ') + "\n");
     JsonlReader reader(path, 100);
     Record r;
     CHECK(reader.next(r));
@@ -198,14 +184,14 @@ TEST_CASE("JSONL lines over the length bound raise InvalidInput instead of filli
                Contains("line 2: longer than 100 bytes"));
   }
   SECTION("the default bound, on a file without newlines") {
-    write_text(path, std::string(kJsonlMaxLineBytes + 1, 'a'));
+    write_bytes(path, std::string(kJsonlMaxLineBytes + 1, 'a'));
     CHECK_THAT(invalid_input_message([&] { read_jsonl(path); }),
                Contains(path) && Contains("line 1: longer than 67108864 bytes"));
   }
   SECTION("a line of exactly the bound is accepted") {
     const std::string frame = "{\"prompt\":\"\",\"completion\":\"b\"}";
-    write_text(path, "{\"prompt\":\"" + std::string(100 - frame.size(), 'x') +
-                         "\",\"completion\":\"b\"}\r\n");
+    write_bytes(path, "{\"prompt\":\"" + std::string(100 - frame.size(), 'x') +
+                          "\",\"completion\":\"b\"}\r\n");
     JsonlReader reader(path, 101);  // 100 bytes plus the CR
     Record r;
     CHECK(reader.next(r));
@@ -214,13 +200,13 @@ TEST_CASE("JSONL lines over the length bound raise InvalidInput instead of filli
 }
 
 TEST_CASE("JSONL reading a missing file raises FileError", "[jsonl]") {
-  TempDir dir;
+  TempDir dir("test_jsonl");
   CHECK_THROWS_AS(read_jsonl(dir.file("missing.jsonl")), FileError);
   CHECK_THROWS_AS(read_jsonl(dir.path.string()), FileError);  // a folder
 }
 
 TEST_CASE("JSONL writing rejects invalid records, names them and leaves no file", "[jsonl]") {
-  TempDir dir;
+  TempDir dir("test_jsonl");
   const std::string path = dir.file("out.jsonl");
   std::vector<Record> records = {{"a", "b", ""}, {"c", "d", ""}};
   std::string problem;
@@ -253,9 +239,9 @@ TEST_CASE("JSONL writing rejects invalid records, names them and leaves no file"
 }
 
 TEST_CASE("JSONL writing with a JsonlWriter appears only at commit", "[jsonl]") {
-  TempDir dir;
+  TempDir dir("test_jsonl");
   const std::string path = dir.file("out.jsonl");
-  write_text(path, "old\n");
+  write_bytes(path, "old\n");
   {
     JsonlWriter writer(path);
     writer.write({"p", "c", ""});
@@ -273,7 +259,7 @@ TEST_CASE("JSONL writing with a JsonlWriter appears only at commit", "[jsonl]") 
 }
 
 TEST_CASE("JSONL writing an empty list gives an empty file", "[jsonl]") {
-  TempDir dir;
+  TempDir dir("test_jsonl");
   write_jsonl(dir.file("e.jsonl"), {});
   CHECK(read_text(dir.file("e.jsonl")).empty());
   CHECK(read_jsonl(dir.file("e.jsonl")).empty());

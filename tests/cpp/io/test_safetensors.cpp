@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "../test_support.h"
 #include "libtransfer/errors.h"
 #include "libtransfer/io/atomic_file.h"
 #include "libtransfer/io/dtype.h"
@@ -30,29 +31,14 @@ using libtransfer::io::SafetensorsFile;
 using libtransfer::io::TensorInfo;
 using libtransfer::io::TensorView;
 using libtransfer::io::write_safetensors;
+using libtransfer::testing::TempDir;
+using libtransfer::testing::write_bytes;
 
 // The format's dtype names and element sizes, typed from the specification.
 const std::vector<std::pair<std::string, std::size_t>> kFormatDtypes = {
     {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"I16", 2},     {"U16", 2},
     {"I32", 4},  {"U32", 4}, {"I64", 8}, {"U64", 8},     {"F16", 2},
     {"BF16", 2}, {"F32", 4}, {"F64", 8}, {"F8_E4M3", 1}, {"F8_E5M2", 1}};
-
-// A fresh folder per test case, removed afterwards.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "test_safetensors.XXXXXX").string();
-    REQUIRE(mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> names;
-    for (const auto& e : fs::directory_iterator(path)) names.push_back(e.path().filename());
-    return names;
-  }
-};
 
 std::string le64(std::uint64_t value) {
   std::string out;
@@ -63,12 +49,6 @@ std::string le64(std::uint64_t value) {
 // The test's own writer: length, header text as given, data.
 std::string file_bytes(const std::string& header, const std::string& data = "") {
   return le64(header.size()) + header + data;
-}
-
-void write_plain(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  REQUIRE(out.good());
 }
 
 std::string read_raw(const std::string& path) {
@@ -92,7 +72,7 @@ std::string entry(const std::string& name, const std::string& dtype, const std::
 // Writes bytes to a file and opens it.
 SafetensorsFile open_bytes(const TempDir& dir, const std::string& bytes) {
   const std::string path = dir.file("t.safetensors");
-  write_plain(path, bytes);
+  write_bytes(path, bytes);
   return SafetensorsFile::open(path);
 }
 
@@ -104,7 +84,7 @@ std::string tensor_bytes(const SafetensorsFile& file, const TensorInfo& info) {
 void require_invalid(const TempDir& dir, const std::string& bytes,
                      const std::vector<std::string>& fragments) {
   const std::string path = dir.file("t.safetensors");
-  write_plain(path, bytes);
+  write_bytes(path, bytes);
   try {
     SafetensorsFile::open(path);
     FAIL("expected InvalidInput containing '" << fragments.front() << "'");
@@ -135,7 +115,7 @@ TEST_CASE("Dtype names and sizes match the safetensors format", "[safetensors]")
 
 TEST_CASE("A hand-written file is read with its tensors, offsets, bytes and metadata",
           "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   // "b" is listed first in the header but lies second in the data section.
   const float floats[2] = {1.5f, -2.0f};
   const std::int16_t shorts[2] = {7, -3};
@@ -177,7 +157,7 @@ TEST_CASE("A hand-written file is read with its tensors, offsets, bytes and meta
 }
 
 TEST_CASE("Every dtype is read from a hand-written file", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   std::string header = "{";
   std::string data;
   unsigned seed = 0;
@@ -207,7 +187,7 @@ TEST_CASE("Every dtype is read from a hand-written file", "[safetensors]") {
 }
 
 TEST_CASE("write_safetensors output parses independently, for every dtype", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   const std::string path = dir.file("all.safetensors");
   std::vector<std::string> payloads;
   std::vector<TensorView> views;
@@ -277,7 +257,7 @@ TEST_CASE("write_safetensors output parses independently, for every dtype", "[sa
 }
 
 TEST_CASE("Zero-size and scalar tensors are legal", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   SECTION("hand-written, with empty tensors sharing offsets with others") {
     const std::string data = pattern_bytes(4 + 8, 1);
     const std::string header =
@@ -309,7 +289,7 @@ TEST_CASE("Zero-size and scalar tensors are legal", "[safetensors]") {
 }
 
 TEST_CASE("A header {} with no data is a legal empty file", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   SECTION("hand-written") {
     const auto file = open_bytes(dir, file_bytes("{}"));
     CHECK(file.size() == 0);
@@ -325,7 +305,7 @@ TEST_CASE("A header {} with no data is a legal empty file", "[safetensors]") {
 }
 
 TEST_CASE("A missing file or a directory is a FileError", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   REQUIRE_THROWS_AS(SafetensorsFile::open(dir.file("missing.safetensors")), FileError);
   REQUIRE_THROWS_WITH(SafetensorsFile::open(dir.file("missing.safetensors")),
                       Contains("missing.safetensors"));
@@ -334,7 +314,7 @@ TEST_CASE("A missing file or a directory is a FileError", "[safetensors]") {
 }
 
 TEST_CASE("Asking for an absent tensor names it and lists those present", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   const auto file =
       open_bytes(dir, file_bytes("{" + entry("weight", "U8", "[1]", 0, 1) + "}", "x"));
   REQUIRE_THROWS_AS(file.info("bias"), InvalidInput);
@@ -342,24 +322,24 @@ TEST_CASE("Asking for an absent tensor names it and lists those present", "[safe
 }
 
 TEST_CASE("A file shorter than the 8-byte length is rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir, "", {"0 bytes"});
   require_invalid(dir, std::string("\x02\0\0\0\0", 5), {"5 bytes", "8-byte"});
 }
 
 TEST_CASE("A header length above the 100 MB limit is rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir, le64(100'000'001) + "{}", {"100000001", "limit"});
   require_invalid(dir, le64(~std::uint64_t{0}) + "{}", {"exceeds the limit"});
 }
 
 TEST_CASE("A header length beyond the end of the file is rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir, le64(40) + "{}", {"header length 40", "2 bytes", "truncated"});
 }
 
 TEST_CASE("A header that is not UTF-8 is rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir, file_bytes("{\"w\xff\":{}}"), {"not valid UTF-8", "byte 3"});
   SECTION("overlong and surrogate encodings too") {
     require_invalid(dir, file_bytes("{\"\xc0\xaf\":1}"), {"UTF-8"});
@@ -368,7 +348,7 @@ TEST_CASE("A header that is not UTF-8 is rejected", "[safetensors]") {
 }
 
 TEST_CASE("A header that is not JSON or not an object is rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir, file_bytes("{\"weight\":"), {"not valid JSON"});
   require_invalid(dir, file_bytes("[]"), {"must be a JSON object", "array"});
   require_invalid(dir, file_bytes("{} {}"), {"not valid JSON"});
@@ -376,7 +356,7 @@ TEST_CASE("A header that is not JSON or not an object is rejected", "[safetensor
 
 TEST_CASE("An entry that is not an object, lacks a key or has an extra one is rejected",
           "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir, file_bytes("{\"weight\":3}"), {"'weight'", "must be an object"});
   require_invalid(dir, file_bytes("{\"weight\":{\"dtype\":\"U8\",\"data_offsets\":[0,0]}}"),
                   {"'weight'", "lacks \"shape\""});
@@ -387,7 +367,7 @@ TEST_CASE("An entry that is not an object, lacks a key or has an extra one is re
 }
 
 TEST_CASE("Entry values of the wrong JSON type are rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   SECTION("dtype") {
     require_invalid(dir,
                     file_bytes("{\"weight\":{\"dtype\":4,\"shape\":[],\"data_offsets\":[0,0]}}"),
@@ -413,13 +393,13 @@ TEST_CASE("Entry values of the wrong JSON type are rejected", "[safetensors]") {
 }
 
 TEST_CASE("An unknown dtype is rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir, file_bytes("{" + entry("weight", "F17", "[1]", 0, 4) + "}", "abcd"),
                   {"'weight'", "unknown dtype 'F17'"});
 }
 
 TEST_CASE("A shape with a negative or non-integer dimension is rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir, file_bytes("{" + entry("weight", "U8", "[2,-1]", 0, 0) + "}"),
                   {"'weight'", "negative value -1"});
   require_invalid(dir, file_bytes("{" + entry("weight", "U8", "[2.5]", 0, 2) + "}", "ab"),
@@ -429,7 +409,7 @@ TEST_CASE("A shape with a negative or non-integer dimension is rejected", "[safe
 }
 
 TEST_CASE("A byte count that does not match dtype and shape is rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(
       dir, file_bytes("{" + entry("weight", "F32", "[2,2]", 0, 12) + "}", pattern_bytes(12, 0)),
       {"'weight'", "hold 12 bytes", "needs 16"});
@@ -444,7 +424,7 @@ TEST_CASE("A byte count that does not match dtype and shape is rejected", "[safe
 }
 
 TEST_CASE("Offsets that run backwards or past the data are rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir, file_bytes("{" + entry("weight", "U8", "[0]", 4, 2) + "}", "abcd"),
                   {"'weight'", "[4, 2]", "begin after they end"});
   require_invalid(dir, file_bytes("{" + entry("weight", "U8", "[8]", 0, 8) + "}", "abcd"),
@@ -452,7 +432,7 @@ TEST_CASE("Offsets that run backwards or past the data are rejected", "[safetens
 }
 
 TEST_CASE("Overlapping tensors are rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir,
                   file_bytes("{" + entry("weight", "U8", "[4]", 0, 4) + "," +
                                  entry("bias", "U8", "[4]", 2, 6) + "}",
@@ -475,7 +455,7 @@ TEST_CASE("Overlapping tensors are rejected", "[safetensors]") {
 }
 
 TEST_CASE("Gaps between tensors or before the first are rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir,
                   file_bytes("{" + entry("weight", "U8", "[2]", 0, 2) + "," +
                                  entry("bias", "U8", "[2]", 4, 6) + "}",
@@ -486,14 +466,14 @@ TEST_CASE("Gaps between tensors or before the first are rejected", "[safetensors
 }
 
 TEST_CASE("Trailing bytes after the last tensor are rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir, file_bytes("{" + entry("weight", "U8", "[2]", 0, 2) + "}", "abc"),
                   {"'weight'", "1 trailing bytes"});
   require_invalid(dir, file_bytes("{}", "abc"), {"no tensors", "3 trailing bytes"});
 }
 
 TEST_CASE("Duplicate keys are rejected rather than silently merged", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   SECTION("a tensor name") {
     require_invalid(dir,
                     file_bytes("{" + entry("weight", "U8", "[2]", 0, 2) + "," +
@@ -517,14 +497,14 @@ TEST_CASE("Duplicate keys are rejected rather than silently merged", "[safetenso
 }
 
 TEST_CASE("Metadata must map strings to strings", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(dir, file_bytes("{\"__metadata__\":[\"a\"]}"), {"__metadata__", "array"});
   require_invalid(dir, file_bytes("{\"__metadata__\":{\"epoch\":3}}"),
                   {"__metadata__", "'epoch'", "number"});
 }
 
 TEST_CASE("Headers nested deeper than the format are rejected", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   require_invalid(
       dir,
       file_bytes("{\"weight\":{\"dtype\":\"U8\",\"shape\":[[1]],\"data_offsets\":[0,1]}}", "a"),
@@ -537,10 +517,10 @@ TEST_CASE("Headers nested deeper than the format are rejected", "[safetensors]")
 
 TEST_CASE("Writes to a mapped tensor change neither the file nor a reopened copy",
           "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   const std::string path = dir.file("cow.safetensors");
   const std::string bytes = file_bytes("{" + entry("w", "U8", "[4]", 0, 4) + "}", "abcd");
-  write_plain(path, bytes);
+  write_bytes(path, bytes);
   const auto file = SafetensorsFile::open(path);
   std::uint8_t* data = file.mutable_data(file.info("w"));
   data[0] = 'Z';
@@ -551,9 +531,9 @@ TEST_CASE("Writes to a mapped tensor change neither the file nor a reopened copy
 }
 
 TEST_CASE("The mapping outlives the SafetensorsFile that made it", "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   const std::string path = dir.file("keep.safetensors");
-  write_plain(path, file_bytes("{" + entry("w", "U8", "[4]", 0, 4) + "}", "abcd"));
+  write_bytes(path, file_bytes("{" + entry("w", "U8", "[4]", 0, 4) + "}", "abcd"));
   std::shared_ptr<libtransfer::io::MappedFile> mapping;
   const std::uint8_t* data = nullptr;
   {
@@ -566,7 +546,7 @@ TEST_CASE("The mapping outlives the SafetensorsFile that made it", "[safetensors
 
 TEST_CASE("write_safetensors refuses invalid tensors and leaves the old file intact",
           "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   const std::string path = dir.file("model.safetensors");
   const std::int32_t values[3] = {1, 2, 3};
   write_safetensors(path, {{"w", Dtype::kI32, {3}, values, 12}}, {{"step", "1"}});
@@ -604,7 +584,7 @@ TEST_CASE("write_safetensors refuses invalid tensors and leaves the old file int
 
 TEST_CASE("write_safetensors replaces an existing file and leaves no temporary file",
           "[safetensors]") {
-  TempDir dir;
+  TempDir dir("test_safetensors");
   const std::string path = dir.file("model.safetensors");
   const std::int64_t first[1] = {1};
   const std::int64_t second[2] = {5, 6};
