@@ -40,11 +40,23 @@ from .data import (  # noqa: E402
     write_idx,
     write_jsonl,
 )
+from .fingerprint import Fingerprint, FingerprintConfig, FingerprintResult, fingerprint  # noqa: E402
+from .models import Scored  # noqa: E402
+from .probes import ProbeResult, SubliminalResult, subliminal_prompting, trait_probe  # noqa: E402
 from .safetensors import SafetensorsFile, TensorInfo, load_safetensors, save_safetensors  # noqa: E402
 from .tokenizer import TokenClass, Tokenizer  # noqa: E402
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
+    "Fingerprint",
+    "FingerprintConfig",
+    "FingerprintResult",
+    "ProbeResult",
+    "Scored",
+    "SubliminalResult",
+    "fingerprint",
+    "subliminal_prompting",
+    "trait_probe",
     "Record",
     "SafetensorsFile",
     "TensorInfo",

@@ -4,6 +4,7 @@ Subcommands:
   demo       the main job (`make demo`): until the reproduction lands, a tour of the I/O layer on
              real data: GPT-2's tokenizer on the paper's prompts, its number units, Fashion-MNIST
              through the IDX reader, and a memory-mapped safetensors round trip.
+  fingerprint  the logit fingerprint of a teacher against a reference on JSON-lines data.
   tokenize   tokenize a text with a BPE vocabulary and print the tokens.
   inspect    list the tensors and metadata of a safetensors file.
 Every subcommand has --help and prints JSON with --json.
@@ -194,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.add_argument("--json", action="store_true", help="print JSON instead of text")
     demo.set_defaults(func=cmd_demo)
+
+    from .fingerprint_cli import add_fingerprint_command
+
+    add_fingerprint_command(sub)
 
     tokenize = sub.add_parser("tokenize", help="tokenize a text (argument or stdin)")
     tokenize.add_argument("text", nargs="?", help="text (default: read stdin)")
