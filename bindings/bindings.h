@@ -12,5 +12,6 @@ void bind_stats(pybind11::module_& m);        // bindings/stats.cpp (tests, corr
 void bind_fingerprint(pybind11::module_& m);  // bindings/fingerprint.cpp (accumulator, Fingerprint)
 void bind_fingerprint_inputs(pybind11::module_& m);  // bindings/fingerprint_inputs.cpp (top-k,
                                                      // samples, comparisons)
+void bind_detect(pybind11::module_& m);       // bindings/detect.cpp (linear assignment)
 
 }  // namespace libtransfer::bindings

@@ -48,4 +48,5 @@ PYBIND11_MODULE(_C, m) {
   libtransfer::bindings::bind_stats(m);
   libtransfer::bindings::bind_fingerprint(m);
   libtransfer::bindings::bind_fingerprint_inputs(m);
+  libtransfer::bindings::bind_detect(m);
 }
