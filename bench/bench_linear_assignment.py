@@ -20,7 +20,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from biastransfer.detect import greedy_assignment, linear_sum_assignment
+from biastransfer.detection import greedy_assignment, linear_sum_assignment
 
 TARGET_RATIO = 1.0  # the goal: no slower than scipy
 REL_TOL = 1e-9  # objectives must agree this closely

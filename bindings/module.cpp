@@ -49,4 +49,12 @@ PYBIND11_MODULE(_C, m) {
   libtransfer::bindings::bind_fingerprint(m);
   libtransfer::bindings::bind_fingerprint_inputs(m);
   libtransfer::bindings::bind_detect(m);
+  libtransfer::bindings::bind_models(m);
+  libtransfer::bindings::bind_sampler(m);
+  libtransfer::bindings::bind_filters(m);
+  libtransfer::bindings::bind_datasets(m);
+  libtransfer::bindings::bind_losses(m);
+  libtransfer::bindings::bind_trainer(m);
+  libtransfer::bindings::bind_detect_weights(m);
+  libtransfer::bindings::bind_detect_probes(m);
 }

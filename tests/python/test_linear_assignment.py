@@ -6,7 +6,7 @@ import pytest
 import scipy.optimize
 import torch
 
-from biastransfer.detect import greedy_assignment, linear_sum_assignment
+from biastransfer.detection import greedy_assignment, linear_sum_assignment
 
 REL_TOL = 1e-9  # the bound on the relative objective difference from scipy
 
