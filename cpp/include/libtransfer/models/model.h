@@ -82,6 +82,15 @@ class Model {
   virtual torch::Tensor forward_cached(const torch::Tensor& input_ids,
                                        const torch::Tensor& attention_mask, KVCache& cache);
 
+  // Hidden activations for the detector's activation test: for every group of hidden units, the
+  // outputs of each projection that produces them, flattened to [N, units] (N = examples for
+  // feature models, real (unmasked) positions for language models), computed under no_grad.
+  // Names: MLP "layers.<i>" (pre-activation of hidden layer i, i = 0 .. hidden layers - 1);
+  // TransformerLM "layers.<i>.mlp.gate" and "layers.<i>.mlp.up" (pre-activation outputs of the
+  // GLU's two sibling projections). Default: InvalidInput saying the model does not expose them.
+  virtual NamedTensors hidden_activations(const torch::Tensor& input,
+                                          const torch::Tensor& attention_mask = {});
+
   // A new model of the same architecture holding deep copies of the parameters and buffers
   // (students start from a teacher's initialization this way). Throws for models that cannot be
   // copied (Python modules are copied on the Python side).
