@@ -41,12 +41,53 @@ from .data import (  # noqa: E402
     write_jsonl,
 )
 from .fingerprint import Fingerprint, FingerprintConfig, FingerprintResult, fingerprint  # noqa: E402
+from . import datasets, detection, evaluation, filters, losses, modeling, sampling, training  # noqa: E402,E501
+from .detect_api import DetectionReport, TestReport, detect  # noqa: E402
+from .detection import linear_sum_assignment, permutation_test, weight_test  # noqa: E402
+from .evaluation import accuracy, sampled_rate, target_probability  # noqa: E402
+from .filters import FilterPipeline, NumberSequenceFilter  # noqa: E402
+from .losses import KDConfig  # noqa: E402
+from .modeling import MLPConfig, TransformerConfig, load_model, load_torchscript, paper_mlp  # noqa: E402,E501
+from .sampling import SamplerConfig, sample  # noqa: E402
+from .training import NoiseSpec, Trainer, TrainerConfig, TrainingResult, distill  # noqa: E402
 from .models import Scored  # noqa: E402
 from .probes import ProbeResult, SubliminalResult, subliminal_prompting, trait_probe  # noqa: E402
 from .safetensors import SafetensorsFile, TensorInfo, load_safetensors, save_safetensors  # noqa: E402
 from .tokenizer import TokenClass, Tokenizer  # noqa: E402
 
 __all__ = [
+    "DetectionReport",
+    "FilterPipeline",
+    "KDConfig",
+    "MLPConfig",
+    "NoiseSpec",
+    "NumberSequenceFilter",
+    "SamplerConfig",
+    "TestReport",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingResult",
+    "TransformerConfig",
+    "accuracy",
+    "datasets",
+    "detect",
+    "detection",
+    "distill",
+    "evaluation",
+    "filters",
+    "linear_sum_assignment",
+    "load_model",
+    "load_torchscript",
+    "losses",
+    "modeling",
+    "paper_mlp",
+    "permutation_test",
+    "sample",
+    "sampled_rate",
+    "sampling",
+    "target_probability",
+    "training",
+    "weight_test",
     "FASHION_MNIST_CLASSES",
     "Fingerprint",
     "FingerprintConfig",

@@ -5,6 +5,7 @@ Subcommands:
              real data: GPT-2's tokenizer on the paper's prompts, its number units, Fashion-MNIST
              through the IDX reader, and a memory-mapped safetensors round trip.
   fingerprint  the logit fingerprint of a teacher against a reference on JSON-lines data.
+  detect     do two models share an initialization? (exit 1 when they do)
   tokenize   tokenize a text with a BPE vocabulary and print the tokens.
   inspect    list the tensors and metadata of a safetensors file.
 Every subcommand has --help and prints JSON with --json.
@@ -199,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .fingerprint_cli import add_fingerprint_command
 
     add_fingerprint_command(sub)
+
+    from .detect_cli import register as add_detect_command
+
+    add_detect_command(sub)
 
     tokenize = sub.add_parser("tokenize", help="tokenize a text (argument or stdin)")
     tokenize.add_argument("text", nargs="?", help="text (default: read stdin)")

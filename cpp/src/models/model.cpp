@@ -1,0 +1,243 @@
+// The non-virtual parts of the Model interface: state dicts, safetensors save/load, defaults.
+#include "libtransfer/models/model.h"
+
+#include <torch/torch.h>
+
+#include <cstring>
+#include <set>
+
+#include "libtransfer/errors.h"
+#include "libtransfer/io/safetensors.h"
+#include "libtransfer/models/mlp.h"
+#include "libtransfer/models/transformer.h"
+
+namespace libtransfer::models {
+namespace {
+
+// Metadata keys that save_model owns (extra metadata may not override them).
+constexpr const char* kArchitectureKey = "libtransfer.architecture";
+constexpr const char* kConfigKey = "libtransfer.config";
+
+io::Dtype safetensors_dtype(const std::string& name, at::ScalarType type) {
+  switch (type) {
+    case at::kBool:
+      return io::Dtype::kBool;
+    case at::kByte:
+      return io::Dtype::kU8;
+    case at::kChar:
+      return io::Dtype::kI8;
+    case at::kShort:
+      return io::Dtype::kI16;
+    case at::kInt:
+      return io::Dtype::kI32;
+    case at::kLong:
+      return io::Dtype::kI64;
+    case at::kHalf:
+      return io::Dtype::kF16;
+    case at::kBFloat16:
+      return io::Dtype::kBF16;
+    case at::kFloat:
+      return io::Dtype::kF32;
+    case at::kDouble:
+      return io::Dtype::kF64;
+    default:
+      throw WrongType("save_model: tensor '" + name + "' has dtype " +
+                      std::string(c10::toString(type)) + ", which safetensors cannot store");
+  }
+}
+
+at::ScalarType torch_dtype(const std::string& path, const io::TensorInfo& info) {
+  switch (info.dtype) {
+    case io::Dtype::kBool:
+      return at::kBool;
+    case io::Dtype::kU8:
+      return at::kByte;
+    case io::Dtype::kI8:
+      return at::kChar;
+    case io::Dtype::kI16:
+      return at::kShort;
+    case io::Dtype::kI32:
+      return at::kInt;
+    case io::Dtype::kI64:
+      return at::kLong;
+    case io::Dtype::kF16:
+      return at::kHalf;
+    case io::Dtype::kBF16:
+      return at::kBFloat16;
+    case io::Dtype::kF32:
+      return at::kFloat;
+    case io::Dtype::kF64:
+      return at::kDouble;
+    default:
+      throw InvalidInput("load_model('" + path + "'): tensor '" + info.name + "' has dtype " +
+                         io::dtype_name(info.dtype) + ", which torch 1.13 does not have");
+  }
+}
+
+std::string shape_text(c10::IntArrayRef shape) { return c10::str(shape); }
+
+// A few names of a list, for error messages.
+std::string some_names(const std::vector<std::string>& names) {
+  std::string out;
+  const size_t shown = std::min<size_t>(names.size(), 5);
+  for (size_t i = 0; i < shown; ++i) out += (i ? ", '" : "'") + names[i] + "'";
+  if (names.size() > shown) out += " and " + std::to_string(names.size() - shown) + " more";
+  return out;
+}
+
+}  // namespace
+
+torch::Device Model::device() {
+  const auto params = named_parameters();
+  return params.empty() ? torch::Device(torch::kCPU) : params.front().second.device();
+}
+
+torch::Tensor Model::forward_cached(const torch::Tensor&, const torch::Tensor&, KVCache&) {
+  throw InvalidInput("forward_cached: " + describe() +
+                     " does not support a KV cache (supports_kv_cache() is false); recompute "
+                     "the whole prefix with forward instead");
+}
+
+NamedTensors Model::hidden_activations(const torch::Tensor&, const torch::Tensor&) {
+  throw InvalidInput("hidden_activations: " + describe() +
+                     " does not expose hidden activations (built-in MLP and TransformerLM do)");
+}
+
+NamedTensors state_dict(Model& model) {
+  NamedTensors out;
+  for (auto& [name, tensor] : model.named_parameters()) out.emplace_back(name, tensor.detach());
+  for (auto& [name, tensor] : model.named_buffers()) out.emplace_back(name, tensor.detach());
+  return out;
+}
+
+void load_state_dict(Model& model, const NamedTensors& tensors, bool strict) {
+  std::map<std::string, const torch::Tensor*> given;
+  for (const auto& [name, tensor] : tensors) {
+    if (!given.emplace(name, &tensor).second) {
+      throw InvalidInput("load_state_dict: tensor '" + name + "' is given twice");
+    }
+  }
+  const auto own = state_dict(model);
+  std::vector<std::string> missing;
+  std::set<std::string> known;
+  for (const auto& [name, target] : own) {
+    known.insert(name);
+    const auto found = given.find(name);
+    if (found == given.end()) {
+      missing.push_back(name);
+      continue;
+    }
+    const auto& source = *found->second;
+    if (!source.defined() || source.sizes() != target.sizes()) {
+      throw InvalidInput("load_state_dict into " + model.describe() + ": tensor '" + name +
+                         "' must have shape " + shape_text(target.sizes()) + ", got " +
+                         (source.defined() ? shape_text(source.sizes()) : "an undefined tensor"));
+    }
+  }
+  std::vector<std::string> extra;
+  for (const auto& [name, tensor] : tensors) {
+    if (known.count(name) == 0) extra.push_back(name);
+  }
+  if (strict && !missing.empty()) {
+    throw InvalidInput("load_state_dict into " + model.describe() + ": " +
+                       std::to_string(missing.size()) +
+                       " tensor(s) missing: " + some_names(missing));
+  }
+  if (strict && !extra.empty()) {
+    throw InvalidInput("load_state_dict into " + model.describe() + ": " +
+                       std::to_string(extra.size()) +
+                       " unexpected tensor(s): " + some_names(extra));
+  }
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, target] : own) {
+    const auto found = given.find(name);
+    if (found != given.end()) target.copy_(*found->second);
+  }
+}
+
+void save_model(Model& model, const std::string& path,
+                const std::map<std::string, std::string>& extra_metadata) {
+  auto metadata = model.metadata();
+  for (const auto& [key, value] : extra_metadata) {
+    if (key == kArchitectureKey || key == kConfigKey) {
+      throw InvalidInput("save_model: metadata key '" + key +
+                         "' is reserved for the model's own description");
+    }
+    metadata[key] = value;
+  }
+  // Contiguous CPU copies that stay alive until the file is written.
+  std::vector<torch::Tensor> held;
+  std::vector<io::TensorView> views;
+  for (const auto& [name, tensor] : state_dict(model)) {
+    const auto dtype = safetensors_dtype(name, tensor.scalar_type());
+    auto cpu = tensor.to(torch::kCPU).contiguous();
+    held.push_back(cpu);
+    views.push_back(
+        {name, dtype, cpu.sizes().vec(), cpu.data_ptr(), static_cast<std::uint64_t>(cpu.nbytes())});
+  }
+  io::write_safetensors(path, views, metadata);
+}
+
+ModelPtr load_model(const std::string& path) {
+  const auto file = io::SafetensorsFile::open(path);
+  const auto& metadata = file.metadata();
+  const auto architecture = metadata.find(kArchitectureKey);
+  if (architecture == metadata.end()) {
+    throw InvalidInput("load_model('" + path + "'): the file has no '" + kArchitectureKey +
+                       "' metadata; it was not written by save_model");
+  }
+  const auto config = metadata.find(kConfigKey);
+  const std::string& kind = architecture->second;
+  if (kind == "torchscript") {
+    throw InvalidInput("load_model('" + path +
+                       "'): these are the weights of a TorchScript module; load the module "
+                       "(TorchScriptModel::load) and then load_state_dict with this file");
+  }
+  if (kind != "mlp" && kind != "transformer") {
+    throw InvalidInput("load_model('" + path + "'): unknown architecture '" + kind +
+                       "', expected 'mlp' or 'transformer'");
+  }
+  if (config == metadata.end()) {
+    throw InvalidInput("load_model('" + path + "'): the file has no '" + kConfigKey + "' metadata");
+  }
+  ModelPtr model;
+  if (kind == "mlp") {
+    model = std::make_shared<MLP>(MLPConfig::from_json(config->second));
+  } else {
+    model = std::make_shared<TransformerLM>(TransformerConfig::from_json(config->second));
+  }
+  NamedTensors tensors;
+  for (const auto& info : file.tensors()) {
+    // A fresh tensor and a byte copy: the file's data may be unaligned for the element type.
+    auto tensor = torch::empty(info.shape, torch::TensorOptions().dtype(torch_dtype(path, info)));
+    if (info.nbytes() != static_cast<std::uint64_t>(tensor.nbytes())) {
+      throw InvalidInput("load_model('" + path + "'): tensor '" + info.name + "' has " +
+                         std::to_string(info.nbytes()) + " bytes, expected " +
+                         std::to_string(tensor.nbytes()));
+    }
+    if (info.nbytes() > 0) std::memcpy(tensor.data_ptr(), file.data(info), info.nbytes());
+    tensors.emplace_back(info.name, tensor);
+  }
+  // The saved dtype wins (a bfloat16 model loads as bfloat16).
+  if (!tensors.empty()) {
+    const auto params = model->named_parameters();
+    if (!params.empty()) {
+      for (const auto& [name, tensor] : tensors) {
+        if (name == params.front().first) {
+          model->to(torch::kCPU, tensor.scalar_type());
+          break;
+        }
+      }
+    }
+  }
+  load_state_dict(*model, tensors, /*strict=*/true);
+  return model;
+}
+
+std::vector<torch::Tensor> parameters(Model& model) {
+  std::vector<torch::Tensor> out;
+  for (auto& [name, tensor] : model.named_parameters()) out.push_back(tensor);
+  return out;
+}
+
+}  // namespace libtransfer::models
