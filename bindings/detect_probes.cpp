@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "detect_dicts.h"
 #include "libtransfer/detect/activation_test.h"
 #include "libtransfer/detect/output_test.h"
 #include "libtransfer/detect/report.h"
@@ -36,35 +37,6 @@ std::vector<models::ModelPtr> to_models(const std::optional<py::sequence>& objec
     out.push_back(to_model((*objects)[i], argument + "[" + std::to_string(i) + "]"));
   }
   return out;
-}
-
-py::dict evidence_dict(const detect::LayerEvidence& e) {
-  py::dict d;
-  d["name"] = e.name;
-  d["kind"] = e.kind;
-  d["units"] = e.units;
-  d["statistic"] = e.statistic;
-  d["statistic_name"] = e.statistic_name;
-  d["log10_p"] = e.log10_p;
-  d["matched_fraction"] = e.matched_fraction;
-  d["note"] = e.note;
-  return d;
-}
-
-py::dict result_dict(const detect::TestResult& r) {
-  py::dict d;
-  d["test"] = r.test;
-  d["ran"] = r.ran;
-  d["skipped_reason"] = r.skipped_reason;
-  d["statistic"] = r.statistic;
-  d["statistic_name"] = r.statistic_name;
-  d["log10_p"] = r.log10_p;
-  d["method"] = r.method;
-  d["calibrated"] = detect::is_calibrated(r);
-  py::list layers;
-  for (const auto& e : r.layers) layers.append(evidence_dict(e));
-  d["layers"] = layers;
-  return d;
 }
 
 template <typename T>

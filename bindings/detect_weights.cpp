@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "detect_dicts.h"
 #include "libtransfer/detect/grouping.h"
 #include "libtransfer/detect/state_source.h"
 #include "libtransfer/detect/weight_test.h"
@@ -106,34 +107,6 @@ std::optional<torch::Device> parse_device(const std::optional<std::string>& devi
     throw InvalidInput("device: expected a torch device such as 'cpu' or 'cuda:0', got '" +
                        *device + "'");
   }
-}
-
-py::dict evidence_dict(const detect::LayerEvidence& e) {
-  py::dict d;
-  d["name"] = e.name;
-  d["kind"] = e.kind;
-  d["units"] = e.units;
-  d["statistic"] = e.statistic;
-  d["statistic_name"] = e.statistic_name;
-  d["log10_p"] = e.log10_p;
-  d["matched_fraction"] = e.matched_fraction;
-  d["note"] = e.note;
-  return d;
-}
-
-py::dict result_dict(const detect::TestResult& r) {
-  py::dict d;
-  d["test"] = r.test;
-  d["ran"] = r.ran;
-  d["skipped_reason"] = r.skipped_reason;
-  d["statistic"] = r.statistic;
-  d["statistic_name"] = r.statistic_name;
-  d["log10_p"] = r.log10_p;
-  d["method"] = r.method;
-  py::list layers;
-  for (const auto& e : r.layers) layers.append(evidence_dict(e));
-  d["layers"] = layers;
-  return d;
 }
 
 py::dict group_dict(const detect::UnitGroup& g) {

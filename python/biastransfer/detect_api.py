@@ -13,7 +13,7 @@ Runs the detector's tests on a model pair and returns a :class:`DetectionReport`
 
 Every statistic and the combination are computed in C++ (``libtransfer/detect``); this module
 resolves inputs, runs the tests it can and explains the ones it cannot (``skipped_reason``).
-The math and the choices are in docs/detection_probes.md.
+The math and the choices are in docs/detection.md (part 2).
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class DetectionReport:
 
     ``verdict``: "shared" (combined p <= alpha), "not shared" or "inconclusive" (no calibrated
     test ran). ``combined_log10_p``: Bonferroni min-p over the calibrated tests (valid however
-    the tests depend on each other; see docs/detection_probes.md). ``tests``: every requested
+    the tests depend on each other; see docs/detection.md (part 2)). ``tests``: every requested
     test, ran or skipped with the reason. ``str(report)`` is the aligned text table.
     """
 

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any, Optional, Sequence
 
-# Exit codes (documented in the module docstring and in docs/detection_probes.md).
+# Exit codes (documented in the module docstring and in docs/detection.md (part 2)).
 EXIT_NOT_SHARED = 0
 EXIT_SHARED = 1
 EXIT_ERROR = 2

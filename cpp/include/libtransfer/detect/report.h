@@ -1,7 +1,7 @@
 // The detector's report: every test's result (ran or skipped, and why), one combined p-value and
 // a verdict at a chosen alpha, printable as an aligned text table and as JSON.
 //
-// Combination (documented in docs/detection_probes.md): all tests look at the same pair of
+// Combination (documented in docs/detection.md (part 2)): all tests look at the same pair of
 // models, so under the null their p-values are dependent (the weight and activation tests of an
 // MLP layer see nearly the same thing) and Fisher's chi-squared null, which assumes
 // independence, would overstate the evidence. The report therefore combines with Bonferroni's

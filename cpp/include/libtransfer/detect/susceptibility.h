@@ -75,7 +75,7 @@ struct SusceptibilityResult {
 // model without parameters or with a zero gradient is InvalidInput. Controls: teachers known to
 // be independent of the student: p = (1 + #{cos_control >= cos}) / (1 + n). Without controls the
 // p-value is the random-direction closed form, marked approximate (the difference of two
-// independent networks is not an isotropic direction: see docs/detection_probes.md).
+// independent networks is not an isotropic direction: see docs/detection.md (part 2)).
 // The student's parameters are left unchanged (their requires_grad flags too).
 SusceptibilityResult susceptibility_probe(models::Model& student, models::Model& teacher,
                                           const torch::Tensor& input = {},
