@@ -164,6 +164,40 @@ void bind_detect_weights(py::module_& m) {
       "identity statistic), Fisher's combination. Returns a dict\n"
       "(test, ran, statistic, log10_p, method, layers: [dict per group]). See weight_test.h.");
   m.def(
+      "weight_agreement_test",
+      [](const py::object& a, const py::object& b, const py::list& controls,
+         const Metadata& mapping, std::int64_t n_heads, bool align_embeddings,
+         const std::string& solver, const Metadata& metadata_a, const Metadata& metadata_b,
+         const std::vector<Metadata>& metadata_controls) {
+        detect::WeightTestOptions options;
+        options.mapping = mapping;
+        options.n_heads = n_heads;
+        options.align_embeddings = align_embeddings;
+        options.solver = detect::parse_assignment_solver(solver);
+        const auto source_a = make_source(a, "a", metadata_a);
+        const auto source_b = make_source(b, "b", metadata_b);
+        std::vector<StateSourcePtr> owned;
+        std::vector<const detect::StateSource*> control_sources;
+        for (std::size_t i = 0; i < controls.size(); ++i) {
+          const Metadata meta = i < metadata_controls.size() ? metadata_controls[i] : Metadata{};
+          owned.push_back(make_source(controls[i], "controls[" + std::to_string(i) + "]", meta));
+          control_sources.push_back(owned.back().get());
+        }
+        detect::TestResult result;
+        {
+          py::gil_scoped_release release;
+          result = detect::weight_agreement_test(*source_a, *source_b, control_sources, options);
+        }
+        return result_dict(result);
+      },
+      py::arg("a"), py::arg("b"), py::arg("controls"), py::arg("mapping") = Metadata{},
+      py::arg("n_heads") = 0, py::arg("align_embeddings") = false, py::arg("solver") = "auto",
+      py::arg("metadata_a") = Metadata{}, py::arg("metadata_b") = Metadata{},
+      py::arg("metadata_controls") = std::vector<Metadata>{},
+      "The agreement statistic of the weight test calibrated by control models (dicts or\n"
+      "safetensors paths, like a and b): p = (1 + #{X_control >= X}) / (1 + n). Detects copies\n"
+      "whose hidden units were permuted. See weight_test.h.");
+  m.def(
       "weight_permutation_test",
       [](const py::object& a, const py::object& b, const py::object& statistic,
          std::int64_t permutations, std::uint64_t seed, const Metadata& mapping,

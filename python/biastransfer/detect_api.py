@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from . import _C
-from .detection import LayerEvidence, weight_test
+from .detection import LayerEvidence, agreement_test, weight_test
 
 __all__ = ["ALL_TESTS", "DetectionReport", "TestReport", "detect"]
 
@@ -280,14 +280,17 @@ def _resolve(x: ModelLike, argument: str) -> _Resolved:
                     f"or a path (safetensors / TorchScript), got {type(x).__name__}")
 
 
-def _controls(controls: Optional[Sequence[ModelLike]]) -> Tuple[List[Any], str]:
+def _controls(controls: Optional[Sequence[ModelLike]]) -> Tuple[List[Any], List[Any], str]:
+    """(runnable models, weights, problem) of the control models."""
     out: List[Any] = []
+    weights: List[Any] = []
     for i, c in enumerate(controls or []):
         r = _resolve(c, f"controls[{i}]")
         if r.model is None:
-            return [], f"controls[{i}]: {r.why_no_model}: controls must be runnable models"
+            return [], [], f"controls[{i}]: {r.why_no_model}: controls must be runnable models"
         out.append(r.model)
-    return out, ""
+        weights.append(r.weights)
+    return out, weights, ""
 
 
 def _check_tests(tests: Sequence[str]) -> List[str]:
@@ -330,7 +333,10 @@ def detect(a: ModelLike, b: ModelLike, *, alpha: float = DEFAULT_ALPHA,
     ``controls``: models of the same architecture known to be independent of ``a`` (other
     seeds); each (a, control) pair is one draw of the null, giving empirical p-values
     (1 + #{control >= observed}) / (1 + n). With n controls no such p-value goes below
-    1 / (n + 1): use at least 1/alpha - 1 of them for the test to be able to reject.
+    1 / (n + 1): use at least 1/alpha - 1 of them for the test to be able to reject. With
+    controls the weight test is joined by ``"weights_agreement"``: the agreement statistic
+    calibrated by the controls, which detects copies whose hidden units were permuted (the
+    identity-based weight test cannot).
     ``trait_loss``: ``f(a) -> scalar tensor``; the susceptibility probe then predicts the change
     of the trait loss for a step ``step_size`` along -g. ``mapping``: {name in a: name in b} for
     the weight test, ``weight_options``: further keyword arguments of ``weight_test``.
@@ -340,7 +346,7 @@ def detect(a: ModelLike, b: ModelLike, *, alpha: float = DEFAULT_ALPHA,
         raise ValueError(f"alpha: expected a value in (0, 1), got {alpha}")
     names = _check_tests(tests)
     ra, rb = _resolve(a, "a"), _resolve(b, "b")
-    control_models, control_problem = _controls(controls)
+    control_models, control_weights, control_problem = _controls(controls)
     if control_problem:
         raise ValueError(control_problem)
     results: List[TestReport] = []
@@ -369,6 +375,18 @@ def detect(a: ModelLike, b: ModelLike, *, alpha: float = DEFAULT_ALPHA,
             results.append(TestReport(test=w.test, ran=w.ran, skipped_reason=w.skipped_reason,
                                       statistic=w.statistic, statistic_name=w.statistic_name,
                                       log10_p=w.log10_p, method=w.method, layers=w.layers))
+            if control_weights:
+                # Permuted copies escape the identity statistic; the agreement statistic sees
+                # them and the controls calibrate it (its analytic null holds only at init).
+                options = {k: v for k, v in dict(weight_options or {}).items()
+                           if k in ("n_heads", "align_embeddings", "solver")}
+                g = agreement_test(ra.weights, rb.weights, control_weights, mapping=mapping,
+                                   **options)
+                results.append(TestReport(test=g.test, ran=g.ran,
+                                          skipped_reason=g.skipped_reason,
+                                          statistic=g.statistic,
+                                          statistic_name=g.statistic_name, log10_p=g.log10_p,
+                                          method=g.method, layers=g.layers))
             continue
         if forward_reason:
             results.append(TestReport.skipped(name, forward_reason))

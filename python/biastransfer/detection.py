@@ -23,6 +23,7 @@ __all__ = [
     "LayerEvidence",
     "UnitGroup",
     "WeightTestResult",
+    "agreement_test",
     "greedy_assignment",
     "linear_sum_assignment",
     "permutation_test",
@@ -286,6 +287,30 @@ def weight_test(a: ModelLike, b: ModelLike, *, mapping: Optional[Mapping[str, st
         solver=solver, compute_dtype=_dtype_name(compute_dtype),
         device=None if device is None else str(device), metadata_a=meta_a, metadata_b=meta_b,
         robust=bool(robust), auto_exact_max_units=int(auto_exact_max_units))
+    return WeightTestResult._from_c(result)
+
+
+def agreement_test(a: ModelLike, b: ModelLike, controls: Sequence[ModelLike], *,
+                   mapping: Optional[Mapping[str, str]] = None, n_heads: Optional[int] = None,
+                   align_embeddings: bool = False, solver: str = "auto") -> WeightTestResult:
+    """The agreement statistic calibrated by ``controls``: finds copies of ``a`` whose hidden
+    units (and residual basis, with ``align_embeddings``) were permuted.
+
+    ``controls``: models trained like ``b`` from initializations independent of ``a``'s (same
+    forms as ``a``/``b``). Per control, Fisher's X over the agreement rows of (a, control) is
+    one draw of the null; p = (1 + #{X_control >= X}) / (1 + n), so rejecting at ``alpha`` needs
+    at least 1/alpha - 1 controls. ``test`` is "weights_agreement"; ``layers`` are (a, b)'s
+    agreement rows with their initialization-time p-values (approximate after training).
+    """
+    if not controls:
+        raise ValueError("controls: the agreement test needs at least one control model")
+    state_a, meta_a = _resolve(a, "a")
+    state_b, meta_b = _resolve(b, "b")
+    resolved = [_resolve(c, f"controls[{i}]") for i, c in enumerate(controls)]
+    result = _C.weight_agreement_test(
+        state_a, state_b, [r[0] for r in resolved], mapping=dict(mapping or {}),
+        n_heads=int(n_heads or 0), align_embeddings=bool(align_embeddings), solver=solver,
+        metadata_a=meta_a, metadata_b=meta_b, metadata_controls=[r[1] for r in resolved])
     return WeightTestResult._from_c(result)
 
 

@@ -9,6 +9,7 @@ is a property of the test, not an output recorded from the code.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -22,6 +23,9 @@ from biastransfer.modeling import MLPConfig, TransformerConfig
 from biastransfer.training import NoiseSpec, Trainer, TrainerConfig
 
 ALPHA = 0.01
+# The control-calibrated agreement p is at least 1 / (1 + n) and the report combines its two
+# weight tests by Bonferroni, so rejecting at ALPHA needs 2 / (1 + n) <= ALPHA: n >= 199.
+N_CONTROLS = 249
 MLP_SIZES = [32, 24, 24, 10 + 3]
 
 
@@ -76,6 +80,7 @@ class MLPPanel:
     independent: Dict[str, tuple]
     inits: List
     teachers: List
+    controls: List  # 249 teachers of the same recipe from other seeds: the agreement test's null
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +114,12 @@ def mlp_panel() -> MLPPanel:
             independent[f"teachers {s} / {t}"] = (teachers[s], teachers[t])
             independent[f"students {s} / {t}"] = (students[s], students[t])
         independent[f"teacher {s} / student {t}"] = (teachers[s], students[t])
-    return MLPPanel(shared, independent, inits, teachers)
+    controls = []
+    for c in range(N_CONTROLS):
+        control = MLPConfig(sizes=MLP_SIZES, aux_outputs=3, seed=1000 + c).build()
+        Trainer(_config(150, seed=1000 + c)).fit(control, (x, y), objective="sft")
+        controls.append(control)
+    return MLPPanel(shared, independent, inits, teachers, controls)
 
 
 def test_mlp_panel_weight_test_separates_shared_from_independent(mlp_panel: MLPPanel) -> None:
@@ -129,13 +139,20 @@ def test_mlp_panel_weight_test_separates_shared_from_independent(mlp_panel: MLPP
 
 
 def test_mlp_panel_detect_verdicts(mlp_panel: MLPPanel) -> None:
+    """With controls, detect() also runs the control-calibrated agreement test, which catches
+    the permuted copies; without controls the identity-based tests decide."""
     for name, (a, b) in mlp_panel.shared.items():
-        if "permuted" in name:
-            continue
-        report = bt.detect(a, b, alpha=ALPHA, tests=("weights", "activations"))
+        report = bt.detect(a, b, alpha=ALPHA, tests=("weights",), controls=mlp_panel.controls)
         assert report.verdict == "shared", (name, str(report))
+        if "permuted" in name:
+            agreement = report.test("weights_agreement")
+            # No control reaches the permuted copy's agreement: p = 1 / (1 + n).
+            assert agreement.log10_p == pytest.approx(-math.log10(1 + N_CONTROLS)), str(report)
+        else:
+            plain = bt.detect(a, b, alpha=ALPHA, tests=("weights", "activations"))
+            assert plain.verdict == "shared", (name, str(plain))
     for name, (a, b) in mlp_panel.independent.items():
-        report = bt.detect(a, b, alpha=ALPHA, tests=("weights", "activations"))
+        report = bt.detect(a, b, alpha=ALPHA, tests=("weights",), controls=mlp_panel.controls)
         assert report.verdict == "not shared", (name, str(report))
 
 

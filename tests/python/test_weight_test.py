@@ -283,3 +283,33 @@ def test_agreement_detects_a_trained_copy_with_permuted_hidden_units():
     robust = weight_test(a, b, robust=True)
     assert [e.statistic_name for e in robust.layers] == ["fixed_points"] * 2 + ["agreement"] * 2
     assert robust.log10_p == pytest.approx(math.log10(2) + r.log10_p, abs=1e-9)
+
+
+def test_agreement_test_needs_controls_and_counts_them() -> None:
+    """The control-calibrated agreement p: (1 + #{X_control >= X}) / (1 + n), checked against
+    the Fisher X of each (a, control) pair computed from the uncalibrated agreement rows."""
+    import math
+
+    from biastransfer.detection import agreement_test, weight_test as wt
+
+    def mlp(seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        sizes = [12, 10, 10, 4]
+        return {f"{i}.weight": torch.randn(sizes[i + 1], sizes[i], generator=g)
+                for i in range(3)}
+
+    a, b = mlp(0), mlp(1)
+    controls = [mlp(s) for s in range(2, 9)]
+    with pytest.raises(ValueError, match="control"):
+        agreement_test(a, b, [])
+
+    def fisher_x(x: dict, y: dict) -> float:
+        rows = wt(x, y, statistic="agreement").layers
+        return sum(-2 * r.log10_p * math.log(10) for r in rows if r.statistic_name == "agreement")
+
+    x = fisher_x(a, b)
+    expected = (1 + sum(fisher_x(a, c) >= x for c in controls)) / (1 + len(controls))
+    result = agreement_test(a, b, controls)
+    assert result.test == "weights_agreement"
+    assert result.statistic == pytest.approx(x)
+    assert 10 ** result.log10_p == pytest.approx(expected)

@@ -893,4 +893,50 @@ TestResult weight_permutation_test(const StateSource& a, const StateSource& b,
   return result;
 }
 
+namespace {
+
+// Fisher's X over the agreement rows (skipped rows carry log10 p = 0 and add nothing).
+double agreement_fisher_x(const TestResult& r) {
+  double x = 0.0;
+  for (const auto& layer : r.layers) {
+    if (layer.statistic_name == "agreement") x += -2.0 * layer.log10_p * std::log(10.0);
+  }
+  return x;
+}
+
+}  // namespace
+
+TestResult weight_agreement_test(const StateSource& a, const StateSource& b,
+                                 const std::vector<const StateSource*>& controls,
+                                 WeightTestOptions options) {
+  if (controls.empty()) {
+    throw InvalidInput(
+        "weight_agreement_test: needs control models (independently initialized, trained like "
+        "b) to calibrate the agreement statistic; got none");
+  }
+  options.statistic = WeightStatistic::kAgreement;
+  options.robust = false;
+  TestResult observed = weight_test(a, b, options);
+  const double x = agreement_fisher_x(observed);
+  std::int64_t at_least = 0;
+  for (std::size_t i = 0; i < controls.size(); ++i) {
+    if (controls[i] == nullptr) {
+      throw InvalidInput("weight_agreement_test: control " + std::to_string(i) + " is null");
+    }
+    if (agreement_fisher_x(weight_test(a, *controls[i], options)) >= x) ++at_least;
+  }
+  const auto n = static_cast<double>(controls.size());
+  TestResult out;
+  out.test = "weights_agreement";
+  out.ran = true;
+  out.statistic = x;
+  out.statistic_name = "agreement_fisher_x";
+  out.log10_p = std::log10((1.0 + static_cast<double>(at_least)) / (1.0 + n));
+  out.layers = std::move(observed.layers);
+  out.method = "empirical null from " + std::to_string(controls.size()) +
+               " control models: p = (1 + #{X_control >= X}) / (1 + n), X = Fisher's X over "
+               "the agreement rows (" + std::to_string(at_least) + " controls >= X)";
+  return out;
+}
+
 }  // namespace libtransfer::detect

@@ -121,6 +121,20 @@ TestResult weight_test(const StateSource& a, const StateSource& b,
 TestResult weight_test(const models::NamedTensors& a, const models::NamedTensors& b,
                        const WeightTestOptions& options = {});
 
+// The agreement statistic judged against control models, for copies whose hidden units may have
+// been permuted. Each control (a model trained like B from an initialization independent of A's)
+// gives one draw of the null: X_c = Fisher's X = -2 sum ln p over the agreement rows of (A, c),
+// against X for (A, B); p = (1 + #{X_c >= X}) / (1 + n). Valid when the controls are exchangeable
+// with B under the null (same architecture, data and recipe, independent initializations); the
+// smallest p is 1 / (1 + n), so rejecting at alpha needs at least 1/alpha - 1 controls. Needed
+// because after training independent models learn similar units, which inflates the agreement
+// statistic beyond its initialization-time null (docs/detection.md). The result's test is
+// "weights_agreement"; its layers are (A, B)'s agreement rows. options.statistic and robust are
+// overridden. InvalidInput without controls.
+TestResult weight_agreement_test(const StateSource& a, const StateSource& b,
+                                 const std::vector<const StateSource*>& controls,
+                                 WeightTestOptions options = {});
+
 // log10 of min(1, 1/k!): the fixed-point p-value bound.
 double fixed_points_log10_p(std::int64_t fixed_points);
 
