@@ -157,8 +157,11 @@ def test_report_text_and_json_round_trip(tmp_path, controls):
             assert le["statistic"] == pytest.approx(layer.statistic, rel=1e-12)
             assert le["matched_fraction"] == pytest.approx(layer.matched_fraction, rel=1e-12)
             assert le["note"] == layer.note
-    assert parsed["tests"][3]["details"]["cosine"] == report.test("susceptibility").details[
-        "cosine"]
+    by_test = {entry["test"]: entry for entry in parsed["tests"]}
+    assert by_test["susceptibility"]["details"]["cosine"] == report.test(
+        "susceptibility").details["cosine"]
+    # With controls the weight test is joined by its control-calibrated agreement form.
+    assert "weights_agreement" in by_test
     # Rebuilding a report from its tests gives the same combination and verdict.
     again = DetectionReport.from_tests(report.tests, report.alpha)
     assert again.verdict == report.verdict and again.combined_log10_p == report.combined_log10_p
