@@ -248,6 +248,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for ours and eager (default os.cpu_count())")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per case")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repetitions of each MLP case; the best of each side is "
+                             "reported (the LM case runs once: its steps take seconds)")
     parser.add_argument("--skip-experiment", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads if args.threads > 0 else (os.cpu_count() or 1))
@@ -257,11 +260,15 @@ def main() -> int:
     cases = (("mlp 784-256-256-13 aux-KD", bench_mlp_aux), ("mlp 784-256-256-13 CE", bench_mlp_ce),
              ("lm d256 L4 16x128 CE", bench_lm))
     for name, fn in cases:
+        # Single timings on a shared 2-core machine vary by +-30%; ours and eager alternate and
+        # the best of each is compared (the usual microbenchmark estimate of the uncontended time).
+        repeats = 1 if fn is bench_lm else max(1, args.repeats)
         try:
-            ours, eager = fn(args.steps)
+            runs = [fn(args.steps) for _ in range(repeats)]
         except (ImportError, AttributeError) as error:
             print(f"{name:<28} skipped: {error}")
             continue
+        ours, eager = min(r[0] for r in runs), min(r[1] for r in runs)
         print(f"{name:<28}{1e3 * ours:>10.2f}{1e3 * eager:>10.2f}{ours / eager:>8.2f}")
     if args.skip_experiment:
         return 0
