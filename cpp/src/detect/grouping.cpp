@@ -114,8 +114,9 @@ std::vector<std::int64_t> layer_indices(const Listing& tensors, const Transforme
       continue;
     }
     const std::string digits = n.substr(head.size(), n.size() - head.size() - tail.size());
-    if (!digits.empty() && std::all_of(digits.begin(), digits.end(), ::isdigit)) {
-      found.insert(std::stoll(digits));
+    if (!digits.empty() && digits.size() <= 9 &&
+        std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      found.insert(std::stoll(digits));  // <= 9 digits: no overflow from a hostile name
     }
   }
   return {found.begin(), found.end()};

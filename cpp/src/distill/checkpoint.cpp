@@ -157,6 +157,24 @@ std::int64_t parse_int(const std::map<std::string, std::string>& metadata, const
   return value;
 }
 
+std::uint64_t parse_uint(const std::map<std::string, std::string>& metadata,
+                         const std::string& key, const std::string& path) {
+  const std::string& text = metadata_value(metadata, key, path);
+  std::size_t used = 0;
+  unsigned long long value = 0;
+  try {
+    // stoull accepts a leading '-' (and wraps): only plain digits are a seed.
+    if (!text.empty() && text[0] != '-') value = std::stoull(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size()) {
+    throw InvalidInput("checkpoint '" + path + "': metadata '" + key +
+                       "' must be a non-negative integer, got '" + text + "'");
+  }
+  return value;
+}
+
 double parse_double(const std::map<std::string, std::string>& metadata, const std::string& key,
                     const std::string& path) {
   const std::string& text = metadata_value(metadata, key, path);
@@ -242,7 +260,7 @@ TrainerState load_checkpoint(const std::string& path, models::Model& model, Adam
 
   TrainerState state;
   state.step = parse_int(metadata, kStepKey, path);
-  state.seed = static_cast<std::uint64_t>(std::stoull(metadata_value(metadata, kSeedKey, path)));
+  state.seed = parse_uint(metadata, kSeedKey, path);
   state.accumulation = parse_int(metadata, kAccumulationKey, path);
   state.total_steps = parse_int(metadata, kTotalStepsKey, path);
   state.elapsed_s = parse_double(metadata, kElapsedKey, path);
