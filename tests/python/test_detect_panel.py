@@ -279,3 +279,56 @@ def test_transformer_panel(transformer_panel) -> None:
     for name, (a, b) in independent.items():
         report = bt.detect(a, b, alpha=ALPHA, tests=("weights",))
         assert report.verdict == "not shared", (name, str(report))
+
+
+def _permute_transformer_units(model, n_heads: int, seed: int):
+    """A clone whose GLU hidden units and attention heads are permuted in every block (the
+    same function; the residual basis is left as is)."""
+    copy = model.clone()
+    state = {k: v.clone() for k, v in copy.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    layers = sorted({k.split(".")[1] for k in state if k.startswith("layers.")})
+    for i in layers:
+        p = f"layers.{i}."
+        units = torch.randperm(state[p + "mlp.gate.weight"].shape[0], generator=g)
+        state[p + "mlp.gate.weight"] = state[p + "mlp.gate.weight"][units]
+        state[p + "mlp.up.weight"] = state[p + "mlp.up.weight"][units]
+        state[p + "mlp.down.weight"] = state[p + "mlp.down.weight"][:, units]
+        d = state[p + "attn.q.weight"].shape[0]
+        head = d // n_heads
+        order = torch.randperm(n_heads, generator=g)
+        rows = torch.cat([torch.arange(h * head, (h + 1) * head) for h in order.tolist()])
+        for name in ("q", "k", "v"):
+            state[p + f"attn.{name}.weight"] = state[p + f"attn.{name}.weight"][rows]
+        state[p + "attn.o.weight"] = state[p + "attn.o.weight"][:, rows]
+    copy.load_state_dict(state)
+    assert torch.allclose(copy(torch.tensor([[1, 2, 3, 4]])), model(torch.tensor([[1, 2, 3, 4]])),
+                          atol=1e-5)
+    return copy
+
+
+def test_transformer_permuted_copy_is_detected_with_controls() -> None:
+    """A small transformer's permuted copy (GLU units and heads) against 249 control teachers of
+    the same recipe; an independent teacher is not flagged with the same controls."""
+    config = dict(vocab_size=16, d_model=16, n_layers=1, n_heads=2, d_mlp=32, max_seq_len=8)
+    corpus = _markov_corpus(128, 8, config["vocab_size"], seed=9)
+
+    def teacher(seed: int):
+        model = TransformerConfig(**config, seed=seed).build()
+        data = token_dataset(corpus, DatasetConfig(batch_size=32, seed=seed))
+        Trainer(_config(30, seed=seed)).fit(model, data, objective="sft")
+        return model
+
+    a = teacher(0)
+    controls = [teacher(1000 + c) for c in range(N_CONTROLS)]
+    permuted = _permute_transformer_units(a, config["n_heads"], seed=1)
+    report = bt.detect(a, permuted, alpha=ALPHA, tests=("weights",), controls=controls)
+    assert report.verdict == "shared", str(report)
+    assert report.test("weights_agreement").log10_p == pytest.approx(-math.log10(1 + N_CONTROLS))
+    # Without controls the identity test still sees the untouched residual basis (embedding
+    # columns), but not the permuted blocks.
+    rows = {r.name.split(" ")[0]: r for r in bt.weight_test(a, permuted).layers}
+    assert rows["residual_basis"].log10_p < -10, rows
+    assert rows["layers.0.mlp"].log10_p > -2, rows
+    other = bt.detect(a, teacher(1), alpha=ALPHA, tests=("weights",), controls=controls)
+    assert other.verdict == "not shared", str(other)
