@@ -190,8 +190,9 @@ def _native_kd(kd: Any) -> Optional["_C.KDConfig"]:
         ) from error
 
 
-def _aux_indices(student: Any) -> list[int]:
-    """The auxiliary logits of a model that declares them (the built-in MLP)."""
+def _declared_logits(student: Any) -> tuple[int, int]:
+    """(auxiliary logits, all logits) of a model that declares them (the built-in MLP), else
+    (0, 0)."""
     aux = getattr(student, "aux_outputs", None)
     size = getattr(student, "output_size", None)
     if callable(aux):
@@ -199,24 +200,25 @@ def _aux_indices(student: Any) -> list[int]:
     if callable(size):
         size = size()
     if not aux or not size:
+        return 0, 0
+    return int(aux), int(size)
+
+
+def _aux_indices(student: Any) -> list[int]:
+    """The auxiliary logits of a model that declares them (the built-in MLP)."""
+    aux, size = _declared_logits(student)
+    if not aux:
         raise ValueError(
             "objective 'aux_kd': the student does not declare auxiliary logits; pass "
             "kd=KDConfig(logit_subset=[...]) with the auxiliary logit indices"
         )
-    return list(range(int(size) - int(aux), int(size)))
+    return list(range(size - aux, size))
 
 
 def _class_indices(student: Any) -> list[int]:
     """The class logits (all but the auxiliary ones) of a model that declares them, else []."""
-    aux = getattr(student, "aux_outputs", None)
-    size = getattr(student, "output_size", None)
-    if callable(aux):
-        aux = aux()
-    if callable(size):
-        size = size()
-    if not aux or not size:
-        return []
-    return list(range(int(size) - int(aux)))
+    aux, size = _declared_logits(student)
+    return list(range(size - aux))
 
 
 def _as_model(model: Any, data_source: "_C.BatchSource", argument: str) -> Any:
