@@ -12,10 +12,10 @@ void bind_stats(pybind11::module_& m);        // bindings/stats.cpp (tests, corr
 void bind_fingerprint(pybind11::module_& m);  // bindings/fingerprint.cpp (accumulator, Fingerprint)
 void bind_fingerprint_inputs(pybind11::module_& m);  // bindings/fingerprint_inputs.cpp (top-k,
                                                      // samples, comparisons)
-void bind_detect(pybind11::module_& m);       // bindings/detect.cpp (linear assignment)
-void bind_detect_weights(pybind11::module_& m);  // bindings/detect_weights.cpp (weight test)
-void bind_detect_probes(pybind11::module_& m);   // bindings/detect_probes.cpp (activation, output,
-                                                 // susceptibility tests, report)
+void bind_detect(pybind11::module_& m);              // bindings/detect.cpp (linear assignment)
+void bind_detect_weights(pybind11::module_& m);      // bindings/detect_weights.cpp (weight test)
+void bind_detect_probes(pybind11::module_& m);  // bindings/detect_probes.cpp (activation, output,
+                                                // susceptibility tests, report)
 void bind_models(pybind11::module_& m);    // bindings/models.cpp (Model, MLP, TransformerLM, ...)
 void bind_sampler(pybind11::module_& m);   // bindings/sampler.cpp
 void bind_filters(pybind11::module_& m);   // bindings/filters.cpp

@@ -11,6 +11,7 @@
 #include "bindings.h"
 #include "libtransfer/errors.h"
 #include "libtransfer/io/safetensors.h"
+#include "libtransfer/torch_dtype.h"
 
 namespace py = pybind11;
 
@@ -18,41 +19,6 @@ namespace libtransfer::bindings {
 namespace {
 
 using io::Dtype;
-
-// The safetensors dtypes torch 1.13 has; U16/U32/U64 and the F8 types have no torch counterpart.
-std::optional<at::ScalarType> torch_dtype(Dtype dtype) {
-  switch (dtype) {
-    case Dtype::kBool:
-      return at::kBool;
-    case Dtype::kU8:
-      return at::kByte;
-    case Dtype::kI8:
-      return at::kChar;
-    case Dtype::kI16:
-      return at::kShort;
-    case Dtype::kI32:
-      return at::kInt;
-    case Dtype::kI64:
-      return at::kLong;
-    case Dtype::kF16:
-      return at::kHalf;
-    case Dtype::kBF16:
-      return at::kBFloat16;
-    case Dtype::kF32:
-      return at::kFloat;
-    case Dtype::kF64:
-      return at::kDouble;
-    default:
-      return std::nullopt;
-  }
-}
-
-std::optional<Dtype> safetensors_dtype(at::ScalarType type) {
-  for (const Dtype dtype : io::all_dtypes()) {
-    if (torch_dtype(dtype) == type) return dtype;
-  }
-  return std::nullopt;
-}
 
 // The names a Python user knows (torch.float32, not c10's Float).
 constexpr const char* kSupportedTorchDtypes =

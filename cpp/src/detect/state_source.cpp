@@ -13,6 +13,7 @@
 
 #include "libtransfer/errors.h"
 #include "libtransfer/io/safetensors.h"
+#include "libtransfer/torch_dtype.h"
 
 namespace libtransfer::detect {
 namespace {
@@ -30,18 +31,9 @@ void check_compute_dtype(torch::ScalarType dtype) {
 
 // The safetensors dtypes the weight test reads (f16, bf16, f32, f64); others have no weights.
 std::optional<at::ScalarType> weight_dtype(io::Dtype dtype) {
-  switch (dtype) {
-    case io::Dtype::kF16:
-      return at::kHalf;
-    case io::Dtype::kBF16:
-      return at::kBFloat16;
-    case io::Dtype::kF32:
-      return at::kFloat;
-    case io::Dtype::kF64:
-      return at::kDouble;
-    default:
-      return std::nullopt;
-  }
+  const auto type = torch_dtype(dtype);
+  if (type && at::isFloatingType(*type)) return type;
+  return std::nullopt;
 }
 
 class TensorSource final : public StateSource {

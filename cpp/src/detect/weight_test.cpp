@@ -935,7 +935,8 @@ TestResult weight_agreement_test(const StateSource& a, const StateSource& b,
   out.layers = std::move(observed.layers);
   out.method = "empirical null from " + std::to_string(controls.size()) +
                " control models: p = (1 + #{X_control >= X}) / (1 + n), X = Fisher's X over "
-               "the agreement rows (" + std::to_string(at_least) + " controls >= X)";
+               "the agreement rows (" +
+               std::to_string(at_least) + " controls >= X)";
   return out;
 }
 

@@ -15,6 +15,7 @@
 
 #include "libtransfer/errors.h"
 #include "libtransfer/io/safetensors.h"
+#include "libtransfer/torch_dtype.h"
 
 namespace libtransfer::distill {
 namespace {
@@ -32,59 +33,21 @@ constexpr const char* kElapsedKey = "trainer.elapsed_s";
 constexpr const char* kModelKey = "trainer.model";
 
 io::Dtype to_io_dtype(torch::ScalarType type, const std::string& name) {
-  switch (type) {
-    case torch::kBool:
-      return io::Dtype::kBool;
-    case torch::kByte:
-      return io::Dtype::kU8;
-    case torch::kChar:
-      return io::Dtype::kI8;
-    case torch::kShort:
-      return io::Dtype::kI16;
-    case torch::kInt:
-      return io::Dtype::kI32;
-    case torch::kLong:
-      return io::Dtype::kI64;
-    case torch::kHalf:
-      return io::Dtype::kF16;
-    case torch::kBFloat16:
-      return io::Dtype::kBF16;
-    case torch::kFloat:
-      return io::Dtype::kF32;
-    case torch::kDouble:
-      return io::Dtype::kF64;
-    default:
-      throw WrongType("checkpoint: tensor '" + name + "' has dtype " +
-                      std::string(c10::toString(type)) + ", which safetensors cannot hold");
+  const auto dtype = safetensors_dtype(type);
+  if (!dtype) {
+    throw WrongType("checkpoint: tensor '" + name + "' has dtype " +
+                    std::string(c10::toString(type)) + ", which safetensors cannot hold");
   }
+  return *dtype;
 }
 
 torch::ScalarType to_torch_dtype(io::Dtype dtype, const std::string& name) {
-  switch (dtype) {
-    case io::Dtype::kBool:
-      return torch::kBool;
-    case io::Dtype::kU8:
-      return torch::kByte;
-    case io::Dtype::kI8:
-      return torch::kChar;
-    case io::Dtype::kI16:
-      return torch::kShort;
-    case io::Dtype::kI32:
-      return torch::kInt;
-    case io::Dtype::kI64:
-      return torch::kLong;
-    case io::Dtype::kF16:
-      return torch::kHalf;
-    case io::Dtype::kBF16:
-      return torch::kBFloat16;
-    case io::Dtype::kF32:
-      return torch::kFloat;
-    case io::Dtype::kF64:
-      return torch::kDouble;
-    default:
-      throw InvalidInput("checkpoint: tensor '" + name + "' has dtype " + io::dtype_name(dtype) +
-                         ", which torch 1.13 cannot hold");
+  const auto type = torch_dtype(dtype);
+  if (!type) {
+    throw InvalidInput("checkpoint: tensor '" + name + "' has dtype " + io::dtype_name(dtype) +
+                       ", which torch 1.13 cannot hold");
   }
+  return *type;
 }
 
 std::string shape_string(c10::IntArrayRef sizes) {
@@ -157,8 +120,8 @@ std::int64_t parse_int(const std::map<std::string, std::string>& metadata, const
   return value;
 }
 
-std::uint64_t parse_uint(const std::map<std::string, std::string>& metadata,
-                         const std::string& key, const std::string& path) {
+std::uint64_t parse_uint(const std::map<std::string, std::string>& metadata, const std::string& key,
+                         const std::string& path) {
   const std::string& text = metadata_value(metadata, key, path);
   std::size_t used = 0;
   unsigned long long value = 0;

@@ -10,6 +10,7 @@
 #include "libtransfer/io/safetensors.h"
 #include "libtransfer/models/mlp.h"
 #include "libtransfer/models/transformer.h"
+#include "libtransfer/torch_dtype.h"
 
 namespace libtransfer::models {
 namespace {
@@ -18,60 +19,22 @@ namespace {
 constexpr const char* kArchitectureKey = "libtransfer.architecture";
 constexpr const char* kConfigKey = "libtransfer.config";
 
-io::Dtype safetensors_dtype(const std::string& name, at::ScalarType type) {
-  switch (type) {
-    case at::kBool:
-      return io::Dtype::kBool;
-    case at::kByte:
-      return io::Dtype::kU8;
-    case at::kChar:
-      return io::Dtype::kI8;
-    case at::kShort:
-      return io::Dtype::kI16;
-    case at::kInt:
-      return io::Dtype::kI32;
-    case at::kLong:
-      return io::Dtype::kI64;
-    case at::kHalf:
-      return io::Dtype::kF16;
-    case at::kBFloat16:
-      return io::Dtype::kBF16;
-    case at::kFloat:
-      return io::Dtype::kF32;
-    case at::kDouble:
-      return io::Dtype::kF64;
-    default:
-      throw WrongType("save_model: tensor '" + name + "' has dtype " +
-                      std::string(c10::toString(type)) + ", which safetensors cannot store");
+io::Dtype stored_safetensors_dtype(const std::string& name, at::ScalarType type) {
+  const auto dtype = safetensors_dtype(type);
+  if (!dtype) {
+    throw WrongType("save_model: tensor '" + name + "' has dtype " +
+                    std::string(c10::toString(type)) + ", which safetensors cannot store");
   }
+  return *dtype;
 }
 
-at::ScalarType torch_dtype(const std::string& path, const io::TensorInfo& info) {
-  switch (info.dtype) {
-    case io::Dtype::kBool:
-      return at::kBool;
-    case io::Dtype::kU8:
-      return at::kByte;
-    case io::Dtype::kI8:
-      return at::kChar;
-    case io::Dtype::kI16:
-      return at::kShort;
-    case io::Dtype::kI32:
-      return at::kInt;
-    case io::Dtype::kI64:
-      return at::kLong;
-    case io::Dtype::kF16:
-      return at::kHalf;
-    case io::Dtype::kBF16:
-      return at::kBFloat16;
-    case io::Dtype::kF32:
-      return at::kFloat;
-    case io::Dtype::kF64:
-      return at::kDouble;
-    default:
-      throw InvalidInput("load_model('" + path + "'): tensor '" + info.name + "' has dtype " +
-                         io::dtype_name(info.dtype) + ", which torch 1.13 does not have");
+at::ScalarType stored_dtype(const std::string& path, const io::TensorInfo& info) {
+  const auto dtype = torch_dtype(info.dtype);
+  if (!dtype) {
+    throw InvalidInput("load_model('" + path + "'): tensor '" + info.name + "' has dtype " +
+                       io::dtype_name(info.dtype) + ", which torch 1.13 does not have");
   }
+  return *dtype;
 }
 
 std::string shape_text(c10::IntArrayRef shape) { return c10::str(shape); }
@@ -169,7 +132,7 @@ void save_model(Model& model, const std::string& path,
   std::vector<torch::Tensor> held;
   std::vector<io::TensorView> views;
   for (const auto& [name, tensor] : state_dict(model)) {
-    const auto dtype = safetensors_dtype(name, tensor.scalar_type());
+    const auto dtype = stored_safetensors_dtype(name, tensor.scalar_type());
     auto cpu = tensor.to(torch::kCPU).contiguous();
     held.push_back(cpu);
     views.push_back(
@@ -209,7 +172,7 @@ ModelPtr load_model(const std::string& path) {
   NamedTensors tensors;
   for (const auto& info : file.tensors()) {
     // A fresh tensor and a byte copy: the file's data may be unaligned for the element type.
-    auto tensor = torch::empty(info.shape, torch::TensorOptions().dtype(torch_dtype(path, info)));
+    auto tensor = torch::empty(info.shape, torch::TensorOptions().dtype(stored_dtype(path, info)));
     if (info.nbytes() != static_cast<std::uint64_t>(tensor.nbytes())) {
       throw InvalidInput("load_model('" + path + "'): tensor '" + info.name + "' has " +
                          std::to_string(info.nbytes()) + " bytes, expected " +

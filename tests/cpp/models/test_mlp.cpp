@@ -5,10 +5,10 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 
+#include "../test_support.h"
 #include "libtransfer/errors.h"
 #include "libtransfer/models/mlp.h"
 #include "libtransfer/models/model.h"
-#include "../test_support.h"
 
 using libtransfer::InvalidInput;
 using libtransfer::WrongType;

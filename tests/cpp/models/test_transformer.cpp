@@ -7,10 +7,10 @@
 #include <cmath>
 #include <map>
 
+#include "../test_support.h"
 #include "libtransfer/errors.h"
 #include "libtransfer/models/model.h"
 #include "libtransfer/models/transformer.h"
-#include "../test_support.h"
 
 using libtransfer::InvalidInput;
 using namespace libtransfer::models;

@@ -18,7 +18,7 @@ namespace libtransfer::models {
 
 // What a model's forward takes.
 enum class InputKind {
-  kTokens,    // input [B, T] int64 token ids, attention_mask [B, T] (1 real, 0 padding) -> [B, T, V]
+  kTokens,  // input [B, T] int64 token ids, attention_mask [B, T] (1 real, 0 padding) -> [B, T, V]
   kFeatures,  // input [B, F] floating features (attention_mask ignored)            -> [B, C]
 };
 
@@ -32,8 +32,8 @@ using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
 struct KVCache {
   std::vector<torch::Tensor> keys;
   std::vector<torch::Tensor> values;
-  torch::Tensor mask;           // [B, T_past] int64; undefined when empty
-  torch::Tensor positions;      // [B] int64: position index of the next token per row
+  torch::Tensor mask;       // [B, T_past] int64; undefined when empty
+  torch::Tensor positions;  // [B] int64: position index of the next token per row
   std::int64_t length() const { return mask.defined() ? mask.size(1) : 0; }
   void clear() { *this = KVCache(); }
 };
