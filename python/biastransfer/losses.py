@@ -100,17 +100,8 @@ def kd_loss(
     config: a :class:`KDConfig` (default forward KL at tau = 1); keyword overrides such as
     ``divergence="jsd"`` replace its fields. Returns a 0-d float32 (or float64) tensor.
     """
-    cfg = _config(config, overrides)
-    return _C.kd_loss(
-        student_logits,
-        teacher_logits,
-        mask,
-        divergence=cfg.divergence,
-        temperature=float(cfg.temperature),
-        beta=float(cfg.beta),
-        top_k=int(cfg.top_k),
-        logit_subset=list(cfg.logit_subset) or None,
-    )
+    return _C.kd_loss(student_logits, teacher_logits, mask,
+                      **_native_arguments(_config(config, overrides)))
 
 
 def topk_kd_loss(
@@ -128,18 +119,15 @@ def topk_kd_loss(
     tail bucket of the remaining mass. ``config.temperature`` must be 1 and ``top_k`` /
     ``logit_subset`` unset. Returns a 0-d float32 (or float64) tensor.
     """
-    cfg = _config(config, overrides)
-    return _C.topk_kd_loss(
-        student_logits,
-        topk_ids,
-        topk_logprobs,
-        mask,
-        divergence=cfg.divergence,
-        beta=float(cfg.beta),
-        temperature=float(cfg.temperature),
-        top_k=int(cfg.top_k),
-        logit_subset=list(cfg.logit_subset) or None,
-    )
+    return _C.topk_kd_loss(student_logits, topk_ids, topk_logprobs, mask,
+                           **_native_arguments(_config(config, overrides)))
+
+
+def _native_arguments(cfg: KDConfig) -> dict:
+    """The KDConfig fields as the compiled losses' keyword arguments."""
+    return dict(divergence=cfg.divergence, temperature=float(cfg.temperature),
+                beta=float(cfg.beta), top_k=int(cfg.top_k),
+                logit_subset=list(cfg.logit_subset) or None)
 
 
 def _config(config: Optional[KDConfig], overrides: dict) -> KDConfig:
