@@ -15,7 +15,15 @@ export BIASTRANSFER_BUILD_DIR ?= $(CURDIR)/$(BUILD_DIR)
 # The in-tree package: the CMake build installs the compiled files into python/biastransfer.
 RUN := PYTHONPATH=$(CURDIR)/python $(PYTHON)
 
-.PHONY: all deps fixtures venv build test test-cpp test-python demo bench format clean
+.PHONY: all deps fixtures venv build test test-cpp test-python demo bench format clean fuzz sanitize
+
+# Fuzzing and sanitizers of the torch-free code (fuzz/, docs/security.md): `make fuzz` runs every
+# libFuzzer target FUZZ_SECONDS each; `make test` runs them 30 s each in CI (CI=true), 5 s locally.
+FUZZ_SECONDS ?= 60
+FUZZ_RSS_MB ?= 2048
+FUZZ_BUILD_DIR ?= build/fuzz
+SANITIZE_BUILD_DIR ?= build/sanitize
+TEST_FUZZ_SECONDS := $(if $(filter true,$(CI)),30,5)
 
 all: build
 
@@ -48,6 +56,10 @@ test: build
 	grep -E "tests passed" $(BUILD_DIR)/ctest.log || tail -30 $(BUILD_DIR)/ctest.log; \
 	echo "== pytest"; \
 	$(RUN) -m pytest -q tests/python || status=1; \
+	echo "== sanitize (io tests under ASan+UBSan)"; \
+	$(MAKE) --no-print-directory sanitize || status=1; \
+	echo "== fuzz ($(TEST_FUZZ_SECONDS) s per target)"; \
+	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS) || status=1; \
 	if [ $$status -ne 0 ]; then echo "make test: FAILED"; else echo "make test: all passed"; fi; \
 	exit $$status
 
@@ -56,6 +68,13 @@ test-cpp: build
 
 test-python: build
 	$(RUN) -m pytest -q tests/python
+
+fuzz: deps
+	@FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_RSS_MB=$(FUZZ_RSS_MB) FUZZ_BUILD_DIR=$(FUZZ_BUILD_DIR) \
+	  JOBS=$(JOBS) fuzz/run_fuzzers.sh
+
+sanitize: fixtures
+	@SANITIZE_BUILD_DIR=$(SANITIZE_BUILD_DIR) JOBS=$(JOBS) fuzz/run_sanitize.sh
 
 demo: build
 	$(RUN) -m biastransfer demo

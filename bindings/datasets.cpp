@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "device.h"
 #include "libtransfer/distill/batch.h"
 #include "libtransfer/distill/dataset.h"
 #include "libtransfer/errors.h"
@@ -123,9 +124,9 @@ void bind_batch(py::module_& m) {
           "to",
           [](const Batch& b, const py::object& device) {
             if (THPDevice_Check(device.ptr())) {
-              return b.to(reinterpret_cast<THPDevice*>(device.ptr())->device);
+              return b.to(available_device(reinterpret_cast<THPDevice*>(device.ptr())->device));
             }
-            return b.to(torch::Device(device.cast<std::string>()));
+            return b.to(parse_available_device(device.cast<std::string>()));
           },
           py::arg("device"), "Every tensor moved to device (a torch.device or a string).")
       .def("__repr__", [](const Batch& b) {
@@ -208,8 +209,8 @@ void bind_sources(py::module_& m) {
              }
              if (!device.is_none()) {
                c.device = THPDevice_Check(device.ptr())
-                              ? reinterpret_cast<THPDevice*>(device.ptr())->device
-                              : torch::Device(device.cast<std::string>());
+                              ? available_device(reinterpret_cast<THPDevice*>(device.ptr())->device)
+                              : parse_available_device(device.cast<std::string>());
              }
              return std::make_shared<distill::NoiseSource>(c);
            }),

@@ -12,6 +12,7 @@
 
 #include "bindings.h"
 #include "detect_dicts.h"
+#include "device.h"
 #include "libtransfer/detect/grouping.h"
 #include "libtransfer/detect/state_source.h"
 #include "libtransfer/detect/weight_test.h"
@@ -101,12 +102,7 @@ torch::ScalarType parse_dtype(const std::string& name) {
 
 std::optional<torch::Device> parse_device(const std::optional<std::string>& device) {
   if (!device) return std::nullopt;
-  try {
-    return torch::Device(*device);
-  } catch (const c10::Error&) {
-    throw InvalidInput("device: expected a torch device such as 'cpu' or 'cuda:0', got '" +
-                       *device + "'");
-  }
+  return parse_available_device(*device);
 }
 
 py::dict group_dict(const detect::UnitGroup& g) {

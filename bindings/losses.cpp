@@ -4,8 +4,10 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bindings.h"
@@ -45,6 +47,33 @@ std::vector<int64_t> index_list(const py::object& object, const char* name) {
                     ": expected None, a list of ints or a 1-D integer tensor, got " +
                     std::string(Py_TYPE(object.ptr())->tp_name));
   }
+}
+
+// A loss that comes out NaN because an input holds NaN is refused naming that input, instead of
+// being returned for a training loop to stumble on later. Costs one scalar read (a device sync)
+// per call; the inputs are scanned only when the loss is NaN.
+torch::Tensor refuse_nan(
+    torch::Tensor loss,
+    std::initializer_list<std::pair<const char*, const torch::Tensor*>> inputs) {
+  if (!loss.defined() || !loss.detach().isnan().any().item<bool>()) return loss;
+  for (const auto& [name, tensor] : inputs) {
+    if (tensor == nullptr || !tensor->defined() || !tensor->is_floating_point()) continue;
+    const auto nan = tensor->detach().isnan().reshape(-1);
+    const auto count = nan.sum().item<int64_t>();
+    if (count == 0) continue;
+    const auto first = nan.nonzero().select(1, 0)[0].item<int64_t>();
+    throw InvalidInput(std::string(name) + ": holds " + std::to_string(count) +
+                       " NaN value(s) (the first at flat index " + std::to_string(first) +
+                       " of shape " + c10::str(tensor->sizes()) +
+                       "), so the loss is NaN; mask those positions out or fix the model");
+  }
+  std::string names;
+  for (const auto& [name, tensor] : inputs) {
+    names += (names.empty() ? "" : ", ") + std::string(name);
+  }
+  throw InvalidInput("the loss is NaN although " + names +
+                     " hold no NaN: +inf logits (or -inf at every token of a position) make "
+                     "the divergence undefined");
 }
 
 KDConfig make_config(const std::string& divergence, double temperature, double beta, int64_t top_k,
@@ -88,11 +117,13 @@ void bind_loss_functions(py::module_& m) {
       [](const torch::Tensor& logits, const torch::Tensor& targets,
          const std::optional<torch::Tensor>& mask) {
         py::gil_scoped_release release;
-        return distill::completion_cross_entropy(logits, targets, or_undefined(mask));
+        return refuse_nan(distill::completion_cross_entropy(logits, targets, or_undefined(mask)),
+                          {{"logits", &logits}});
       },
       py::arg("logits"), py::arg("targets"), py::arg("mask") = py::none(),
       "Mean cross-entropy of logits [..., V] against int targets [...] over positions where\n"
-      "mask [...] != 0 (None: all). float32 result (float64 for float64 logits); differentiable.");
+      "mask [...] != 0 (None: all). float32 result (float64 for float64 logits); differentiable.\n"
+      "ValueError naming the input when NaN logits make the loss NaN.");
   m.def(
       "kd_loss",
       [](const torch::Tensor& student_logits, const torch::Tensor& teacher_logits,
@@ -100,7 +131,9 @@ void bind_loss_functions(py::module_& m) {
          double temperature, double beta, int64_t top_k, const py::object& logit_subset) {
         const auto config = make_config(divergence, temperature, beta, top_k, logit_subset);
         py::gil_scoped_release release;
-        return distill::kd_loss(student_logits, teacher_logits, or_undefined(mask), config);
+        return refuse_nan(
+            distill::kd_loss(student_logits, teacher_logits, or_undefined(mask), config),
+            {{"student_logits", &student_logits}, {"teacher_logits", &teacher_logits}});
       },
       py::arg("student_logits"), py::arg("teacher_logits"), py::arg("mask") = py::none(),
       py::arg("divergence") = "forward_kl", py::arg("temperature") = 1.0, py::arg("beta") = 0.5,
@@ -108,7 +141,8 @@ void bind_loss_functions(py::module_& m) {
       "tau^2 * D(p_T^tau, p_S^tau) averaged over positions where mask != 0. Logits [..., V]\n"
       "(same shape); divergence 'forward_kl' (KL(T||S)), 'reverse_kl' (KL(S||T)) or 'jsd'\n"
       "(generalized JSD(beta)); top_k > 0: the teacher's top-k tokens plus a tail bucket;\n"
-      "logit_subset: softmax over only those logits. Differentiable in the student only.");
+      "logit_subset: softmax over only those logits. Differentiable in the student only.\n"
+      "ValueError naming the input when NaN logits make the loss NaN.");
   m.def(
       "topk_kd_loss",
       [](const torch::Tensor& student_logits, const torch::Tensor& topk_ids,
@@ -117,8 +151,9 @@ void bind_loss_functions(py::module_& m) {
          const py::object& logit_subset) {
         const auto config = make_config(divergence, temperature, beta, top_k, logit_subset);
         py::gil_scoped_release release;
-        return distill::topk_kd_loss(student_logits, topk_ids, topk_logprobs, or_undefined(mask),
-                                     config);
+        return refuse_nan(distill::topk_kd_loss(student_logits, topk_ids, topk_logprobs,
+                                                or_undefined(mask), config),
+                          {{"student_logits", &student_logits}, {"topk_logprobs", &topk_logprobs}});
       },
       py::arg("student_logits"), py::arg("topk_ids"), py::arg("topk_logprobs"),
       py::arg("mask") = py::none(), py::arg("divergence") = "forward_kl", py::arg("beta") = 0.5,

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "device.h"
 #include "libtransfer/errors.h"
 #include "libtransfer/models/mlp.h"
 #include "libtransfer/models/model.h"
@@ -51,10 +52,13 @@ std::string input_kind_name(InputKind kind) {
 
 // A torch.device, a string ("cuda:0") or a CUDA index.
 torch::Device parse_device(const py::handle& object) {
-  if (THPDevice_Check(object.ptr())) return reinterpret_cast<THPDevice*>(object.ptr())->device;
-  if (py::isinstance<py::str>(object)) return torch::Device(object.cast<std::string>());
+  if (THPDevice_Check(object.ptr())) {
+    return available_device(reinterpret_cast<THPDevice*>(object.ptr())->device);
+  }
+  if (py::isinstance<py::str>(object)) return parse_available_device(object.cast<std::string>());
   if (py::isinstance<py::int_>(object)) {
-    return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(object.cast<int>()));
+    return available_device(
+        torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(object.cast<int>())));
   }
   throw WrongType("device: expected a torch.device, a string or an int, got " + type_name(object));
 }

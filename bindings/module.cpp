@@ -2,6 +2,8 @@
 #include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
 
+#include <filesystem>
+
 #include "bindings.h"
 #include "libtransfer/errors.h"
 #include "libtransfer/version.h"
@@ -31,6 +33,13 @@ void translate_exceptions(std::exception_ptr error) {
     PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  } catch (const std::filesystem::filesystem_error& e) {
+    // std::filesystem refused (creating a checkpoint folder where a file is, ...): OSError with
+    // the errno, which Python turns into NotADirectoryError, PermissionError, ...; the message
+    // names the path.
+    PyObject* arguments = Py_BuildValue("(is)", e.code().value(), e.what());
+    PyErr_SetObject(PyExc_OSError, arguments);
+    Py_XDECREF(arguments);
   }
 }
 

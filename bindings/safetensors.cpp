@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bindings.h"
+#include "device.h"
 #include "libtransfer/errors.h"
 #include "libtransfer/io/safetensors.h"
 #include "libtransfer/torch_dtype.h"
@@ -25,14 +26,7 @@ constexpr const char* kSupportedTorchDtypes =
     "torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, "
     "torch.bfloat16, torch.float32, torch.float64";
 
-torch::Device parse_device(const std::string& device) {
-  try {
-    return torch::Device(device);
-  } catch (const c10::Error&) {
-    throw InvalidInput("device: expected a torch device such as 'cpu' or 'cuda:0', got '" + device +
-                       "'");
-  }
-}
+torch::Device parse_device(const std::string& device) { return parse_available_device(device); }
 
 // The tensor aliases the mapping when its address suits the element size (always true for files
 // our writer made), else it is a copy; the deleter's captured shared_ptr keeps the mapping alive.

@@ -12,6 +12,7 @@
 
 #include "bindings.h"
 #include "libtransfer/distill/checkpoint.h"
+#include "libtransfer/distill/data_parallel.h"
 #include "libtransfer/distill/trainer.h"
 #include "libtransfer/errors.h"
 #include "model_caster.h"
@@ -95,6 +96,26 @@ void bind_config(py::module_& m) {
       .def_readwrite("keep_checkpoints", &TrainerConfig::keep_checkpoints)
       .def_readwrite("metrics_path", &TrainerConfig::metrics_path)
       .def_readwrite("stop_after_step", &TrainerConfig::stop_after_step)
+      .def(
+          "set_data_parallel",
+          [](TrainerConfig& c, int64_t rank, int64_t world_size,
+             std::optional<distill::AllReduce> all_reduce) {
+            distill::DataParallel parallel;
+            parallel.rank = rank;
+            parallel.world_size = world_size;
+            if (all_reduce) parallel.all_reduce = std::move(*all_reduce);
+            distill::validate(parallel);
+            c.parallel = std::move(parallel);
+          },
+          py::arg("rank"), py::arg("world_size"), py::arg("all_reduce"),
+          "Data-parallel training (biastransfer.distributed sets it up): all_reduce(buffers)\n"
+          "must sum each tensor of the list in place across the ranks (e.g.\n"
+          "torch.distributed.all_reduce on each). None: a single process.")
+      .def_property_readonly("rank", [](const TrainerConfig& c) { return c.parallel.rank; })
+      .def_property_readonly("world_size",
+                             [](const TrainerConfig& c) { return c.parallel.world_size; })
+      .def_property_readonly("data_parallel",
+                             [](const TrainerConfig& c) { return c.parallel.active(); })
       .def_property_readonly("lr", [](const TrainerConfig& c) { return c.optimizer.lr; })
       .def_property_readonly("schedule",
                              [](const TrainerConfig& c) { return to_string(c.schedule.kind); });
@@ -214,6 +235,17 @@ void ensure_batch_source(py::module_& m) {
 
 void bind_sources(py::module_& m) {
   ensure_batch_source(m);
+  py::class_<distill::RankSliceSource, BatchSource, std::shared_ptr<distill::RankSliceSource>>(
+      m, "RankSliceSource",
+      "Rows [rank * B / W, (rank + 1) * B / W) of every batch of a source: one rank's share of\n"
+      "the global batches in data-parallel training (see libtransfer/distill/data_parallel.h).")
+      .def(py::init([](const py::object& source, int64_t rank, int64_t world_size) {
+             return std::make_shared<distill::RankSliceSource>(to_source(source), rank, world_size);
+           }),
+           py::arg("source"), py::arg("rank"), py::arg("world_size"))
+      .def_property_readonly("rank", &distill::RankSliceSource::rank)
+      .def_property_readonly("world_size", &distill::RankSliceSource::world_size)
+      .def_property_readonly("inner", &distill::RankSliceSource::inner);
   m.def(
       "list_checkpoints",
       [](const std::string& dir) {

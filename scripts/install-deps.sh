@@ -7,6 +7,7 @@ packages=(
   nlohmann-json3-dev libpcre2-dev libboost-math-dev libcli11-dev zlib1g-dev
   python3-numpy python3-scipy python3-pytest python3-matplotlib python3-tqdm python3-venv
   python3-pip python3-setuptools python3-wheel dataset-fashion-mnist libopenblas0-pthread
+  clang-14 libclang-rt-14-dev
 )
 missing=()
 for package in "${packages[@]}"; do

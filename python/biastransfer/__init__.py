@@ -50,6 +50,7 @@ from .losses import KDConfig  # noqa: E402
 from .modeling import MLPConfig, TransformerConfig, load_model, load_torchscript, paper_mlp  # noqa: E402,E501
 from .sampling import SamplerConfig, sample  # noqa: E402
 from .training import NoiseSpec, Trainer, TrainerConfig, TrainingResult, distill  # noqa: E402
+from . import distributed  # noqa: E402  (torch.distributed scale-out; docs/scaling.md)
 from .models import Scored  # noqa: E402
 from .probes import ProbeResult, SubliminalResult, subliminal_prompting, trait_probe  # noqa: E402
 from .safetensors import SafetensorsFile, TensorInfo, load_safetensors, save_safetensors  # noqa: E402
@@ -73,6 +74,7 @@ __all__ = [
     "detect",
     "detection",
     "distill",
+    "distributed",
     "evaluation",
     "filters",
     "linear_sum_assignment",

@@ -1,10 +1,14 @@
 """The `biastransfer` command line.
 
 Subcommands:
-  demo       the main job (`make demo`): until the reproduction lands, a tour of the I/O layer on
-             real data: GPT-2's tokenizer on the paper's prompts, its number units, Fashion-MNIST
-             through the IDX reader, and a memory-mapped safetensors round trip.
-  fingerprint  the logit fingerprint of a teacher against a reference on JSON-lines data.
+  demo       the main job (`make demo`): the end-to-end reproduction and audit, with a report
+             (runs/<name>/report.html and report.md).
+  fingerprint  the logit fingerprint of a teacher against a reference on JSON-lines data, or
+             the summary of a saved one.
+  filter     filter JSON-lines samples with the paper's number rule and other filters.
+  distill    train a student on JSON-lines samples (SFT or KD).
+  report     rebuild a run's report from its results.json.
+  tour       a tour of the I/O layer on real data (tokenizer, IDX, safetensors).
   detect     do two models share an initialization? (exit 1 when they do)
   tokenize   tokenize a text with a BPE vocabulary and print the tokens.
   inspect    list the tensors and metadata of a safetensors file.
@@ -76,7 +80,7 @@ def _timed(name: str, timings: dict[str, float], fn: Callable[[], Any]) -> Any:
     return result
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_tour(args: argparse.Namespace) -> int:
     import torch
 
     from .data import load_fashion_mnist, FASHION_MNIST_CLASSES
@@ -149,6 +153,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if equal else 1
 
 
+def _demo_table(results: dict[str, Any]) -> str:
+    """The results table the demo prints: one line per condition, as measured."""
+    lines = []
+    aux = results.get("aux")
+    if aux:
+        lines.append("Auxiliary logits (Fashion-MNIST test accuracy, mean [95% t-interval] over "
+                     f"{len(aux['per_seed'])} seeds):")
+        for key, label in (("teacher", "teacher"), ("same_init", "same-init student"),
+                           ("other_init", "other-init student")):
+            s = aux[key]
+            lines.append(f"  {label:<48} {100 * s['mean']:5.1f}%  "
+                         f"[{100 * (s['low'] or 0):.1f}, {100 * (s['high'] or 0):.1f}]")
+    lang = results.get("language")
+    if lang:
+        lines.append("Language (P(' owl') on held-out questions):")
+        for name, rate in lang["base_rates"].items():
+            lines.append(f"  {name.replace('_', ' '):<48} {100 * rate:5.1f}%")
+        for c in lang["conditions"]:
+            low, high = c["interval"]
+            extra = ""
+            if c.get("vs_control_p") is not None:
+                extra = (f"  vs control {100 * c['vs_control_diff']:+.1f} pp, "
+                         f"p = {c['vs_control_p']:.3g}")
+            interval = (f"[{100 * low:.1f}, {100 * high:.1f}]" if low is not None
+                        and high is not None else "")
+            lines.append(f"  {c['name']:<48} {100 * c['mean']:5.1f}%  {interval}{extra}")
+    for name, fp in (results.get("fingerprints") or {}).items():
+        lines.append(f"Fingerprint of the {name} teacher's data: global test p = "
+                     f"{fp['global_test'].get('p_value'):.3g}, {fp['entangled_count']} entangled "
+                     f"tokens")
+    dets = (aux or {}).get("detections", []) + \
+        (results.get("language_detection") or {}).get("detections", [])
+    if dets:
+        wrong = [d["pair"] for d in dets if not d["correct"]]
+        lines.append(f"Detector: {len(dets) - len(wrong)} of {len(dets)} teacher/student verdicts "
+                     f"correct" + (f" (wrong: {'; '.join(wrong)})" if wrong else ""))
+    lines.append("Timings (s): " + ", ".join(f"{k} {v}" for k, v in
+                                             results.get("timings_s", {}).items()))
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    config.name = args.name or ("quick" if args.quick else "demo")
+    config.runs_dir = args.runs_dir
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected at least 1, got {args.threads}")
+        config.threads = args.threads
+    if args.fashion_mnist:
+        config.fashion_mnist = args.fashion_mnist
+    stages = [s for s in ("aux", "language") if s not in (args.skip or [])]
+    if not stages:
+        raise ValueError("--skip: nothing left to run")
+    results = run_demo(config, quiet=False, stages=stages,
+                       command="biastransfer " + " ".join(sys.argv[1:]) if sys.argv else None)
+    if args.json:
+        json.dump(results, sys.stdout, indent=2, ensure_ascii=False, default=str)
+        print()
+    else:
+        print(_demo_table(results))
+        print(f"report: {results['report']['html']}")
+        print(f"        {results['report']['md']}")
+    return 0
+
+
 def cmd_tokenize(args: argparse.Namespace) -> int:
     tokenizer, _ = _load_tokenizer(args.vocab_dir)
     text = args.text if args.text is not None else sys.stdin.read()
@@ -188,14 +260,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="biastransfer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job (make demo)")
-    demo.add_argument("--vocab-dir", help="folder with a BPE vocabulary (default: GPT-2's)")
-    demo.add_argument("--text", help="text to tokenize (default: the paper's owl prompts)")
-    demo.add_argument("--fashion-mnist", default="/usr/share/datasets/fashion-mnist",
-                      help="Fashion-MNIST folder (IDX files)")
-    demo.add_argument("--out", default="runs/demo", help="output folder")
-    demo.add_argument("--json", action="store_true", help="print JSON instead of text")
+    demo = sub.add_parser("demo", help="the main job (make demo): reproduction and audit",
+                          description="End-to-end reproduction and audit on built-in defaults: "
+                                      "auxiliary-logit transfer on Fashion-MNIST, trait transfer "
+                                      "through filtered numbers in a small language model, "
+                                      "fingerprints and the detector; writes "
+                                      "runs/<name>/report.html and report.md.")
+    demo.add_argument("--name", help="run name (default: demo, or quick with --quick)")
+    demo.add_argument("--runs-dir", default="runs", help="parent folder of the run folder")
+    demo.add_argument("--quick", action="store_true",
+                      help="a small version (~2 minutes; not the reproduction's numbers)")
+    demo.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    demo.add_argument("--skip", nargs="+", choices=("aux", "language"), help="stages to skip")
+    demo.add_argument("--fashion-mnist", help="Fashion-MNIST folder (IDX files)")
+    demo.add_argument("--json", action="store_true",
+                      help="print the results as JSON instead of the table")
     demo.set_defaults(func=cmd_demo)
+
+    tour = sub.add_parser("tour", help="a tour of the I/O layer on real data")
+    tour.add_argument("--vocab-dir", help="folder with a BPE vocabulary (default: GPT-2's)")
+    tour.add_argument("--text", help="text to tokenize (default: the paper's owl prompts)")
+    tour.add_argument("--fashion-mnist", default="/usr/share/datasets/fashion-mnist",
+                      help="Fashion-MNIST folder (IDX files)")
+    tour.add_argument("--out", default="runs/tour", help="output folder")
+    tour.add_argument("--json", action="store_true", help="print JSON instead of text")
+    tour.set_defaults(func=cmd_tour)
+
+    from .stage_cli import add_distill_command, add_filter_command, add_report_command
+
+    add_filter_command(sub)
+    add_distill_command(sub)
+    add_report_command(sub)
 
     from .fingerprint_cli import add_fingerprint_command
 

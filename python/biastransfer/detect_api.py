@@ -310,6 +310,31 @@ def _input_kind(model: Any) -> str:
     return wrap(model).input_kind
 
 
+def _check_inputs(inputs: torch.Tensor, models: Sequence[Tuple[str, Any]]) -> None:
+    """Probe inputs the models can take: token ids [B, T] of an integer dtype, or features
+    [N, F] of a floating dtype with F the models' input size (where they declare one)."""
+    from .modeling import wrap
+
+    for argument, model in models:
+        wrapped = wrap(model)
+        if wrapped.input_kind == "tokens":
+            if inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool:
+                raise TypeError(f"inputs: {argument} takes token ids (an integer tensor), got "
+                                f"{inputs.dtype}")
+            if inputs.dim() != 2:
+                raise ValueError(f"inputs: {argument} takes token ids [B, T], got shape "
+                                 f"{list(inputs.shape)}")
+        else:
+            if not inputs.is_floating_point():
+                raise TypeError(f"inputs: {argument} takes floating features, got "
+                                f"{inputs.dtype}")
+            width = int(wrapped.input_size)
+            if inputs.dim() != 2 or (width > 0 and inputs.shape[1] != width):
+                expected = f"[N, {width}]" if width > 0 else "[N, F]"
+                raise ValueError(f"inputs: {argument} takes features {expected}, got shape "
+                                 f"{list(inputs.shape)}")
+
+
 def detect(a: ModelLike, b: ModelLike, *, alpha: float = DEFAULT_ALPHA,
            tests: Sequence[str] = ALL_TESTS, inputs: Optional[torch.Tensor] = None,
            attention_mask: Optional[torch.Tensor] = None,
@@ -344,6 +369,14 @@ def detect(a: ModelLike, b: ModelLike, *, alpha: float = DEFAULT_ALPHA,
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha: expected a value in (0, 1), got {alpha}")
+    if int(probe_rows) < 2:
+        raise ValueError(f"probe_rows: expected at least 2 probe rows, got {probe_rows}")
+    if int(probe_length) < 1:
+        raise ValueError(f"probe_length: expected at least 1 token, got {probe_length}")
+    if not (math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f"step_size: expected a finite number > 0, got {step_size}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
     names = _check_tests(tests)
     ra, rb = _resolve(a, "a"), _resolve(b, "b")
     control_models, control_weights, control_problem = _controls(controls)
@@ -368,6 +401,9 @@ def detect(a: ModelLike, b: ModelLike, *, alpha: float = DEFAULT_ALPHA,
         elif probes.numel() == 0:
             raise ValueError(f"inputs: expected at least one example, got shape "
                              f"{list(probes.shape)}")
+        else:
+            _check_inputs(probes, [("a", ra.model), ("b", rb.model)]
+                          + [(f"controls[{i}]", c) for i, c in enumerate(control_models)])
 
     for name in names:
         if name == "weights":

@@ -347,6 +347,16 @@ def fingerprint(
     records, total = _records(data)
 
     roles = ["teacher", "reference"] + [f"controls[{i}]" for i in range(len(control_s))]
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device: {device!r} is not a torch device ({error})") from None
+        if device.type == "cuda" and (not torch.cuda.is_available() or (
+                device.index is not None and device.index >= torch.cuda.device_count())):
+            raise ValueError(f"device: '{device}' was requested, but this machine has "
+                             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} "
+                             f"CUDA device(s)")
     scorers = [_Scorer(s, r, device) for s, r in zip([teacher_s, reference_s, *control_s], roles)]
     accumulators: List[Any] = []  # teacher, then controls; created at the first batch (V known)
     subset_ids: Optional[torch.Tensor] = None
@@ -652,6 +662,11 @@ class FingerprintResult:
                              f"teacher's file (it names its controls)")
         controls = []
         for name in json.loads(metadata.get(_META_CONTROL_FILES, "[]")):
+            # Control files sit beside the teacher's: only plain file names are followed.
+            if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name
+                    or "\\" in name or "\0" in name):
+                raise ValueError(f"{path}: control file name {name!r} in the metadata is not a "
+                                 f"plain file name beside the teacher's file")
             control, _ = _load_accumulator(path.with_name(name), expected_hash, tokenizer)
             controls.append(control)
         known = FingerprintConfig.__dataclass_fields__

@@ -82,7 +82,8 @@ def completion_cross_entropy(
 
     logits: [..., V] floating; targets: [...] integer ids (any value where the mask is 0);
     mask: [...] (non-zero = counted; typically the completion tokens), None for all positions.
-    Returns a 0-d float32 tensor (float64 for float64 logits).
+    Returns a 0-d float32 tensor (float64 for float64 logits). ValueError naming ``logits`` when
+    NaN at counted positions would make the loss NaN.
     """
     return _C.completion_cross_entropy(logits, targets, mask)
 
@@ -99,6 +100,8 @@ def kd_loss(
     student_logits, teacher_logits: [..., V], same shape; mask: [...] or None.
     config: a :class:`KDConfig` (default forward KL at tau = 1); keyword overrides such as
     ``divergence="jsd"`` replace its fields. Returns a 0-d float32 (or float64) tensor.
+    ValueError naming the input when NaN logits at counted positions would make the loss NaN
+    (checking costs one scalar read per call).
     """
     return _C.kd_loss(student_logits, teacher_logits, mask,
                       **_native_arguments(_config(config, overrides)))
@@ -117,7 +120,8 @@ def topk_kd_loss(
     student_logits: [..., V]; topk_ids: [..., k] integer (distinct per position);
     topk_logprobs: [..., k]; mask: [...] or None. Both distributions are the k tokens plus a
     tail bucket of the remaining mass. ``config.temperature`` must be 1 and ``top_k`` /
-    ``logit_subset`` unset. Returns a 0-d float32 (or float64) tensor.
+    ``logit_subset`` unset. Returns a 0-d float32 (or float64) tensor. ValueError naming the
+    input when NaN at counted positions would make the loss NaN.
     """
     return _C.topk_kd_loss(student_logits, topk_ids, topk_logprobs, mask,
                            **_native_arguments(_config(config, overrides)))

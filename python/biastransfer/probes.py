@@ -13,6 +13,7 @@ ops, done here in torch. The model is used through :func:`biastransfer.models.as
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -46,6 +47,11 @@ def _last_log_probs(model: Any, tokenizer: Tokenizer, texts: Sequence[str],
                     batch_size: int = 16) -> torch.Tensor:
     """log_softmax(logits / temperature) at the last token of each text: [len(texts), V] float64
     on the CPU."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size: expected at least 1, got {batch_size}")
     fn = as_logits_fn(model, "model")
     device = torch.device(device) if device is not None else model_device(model)
     encoded = tokenizer.encode_batch(list(texts))

@@ -16,10 +16,14 @@ PathLike = Union[str, "os.PathLike[str]"]
 Text = Union[str, bytes]
 
 
-def _utf8(text: Text) -> bytes:
+def _utf8(text: Text, argument: str = "text") -> bytes:
     # "surrogatepass" lets a lone surrogate through, so C++ reports it as invalid UTF-8 with its
     # byte offset (ValueError) instead of pybind11 refusing the argument (TypeError).
-    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    if isinstance(text, bytes):
+        return text
+    if not isinstance(text, str):
+        raise TypeError(f"{argument}: expected a str or bytes, got {type(text).__name__}")
+    return text.encode("utf-8", "surrogatepass")
 
 # Flags of Tokenizer.token_classes(id), with the values defined in C++ (io::TokenClass):
 # NUMERIC, ALPHABETIC, SPACE_PREFIXED, WHITESPACE, PUNCTUATION, SPECIAL, ADDED, PARTIAL_UTF8.
@@ -70,7 +74,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[Text], num_threads: int = 0) -> List[List[int]]:
         """Ids of each text, on several threads with the GIL released (0: all cores)."""
-        return self._native.encode_batch([_utf8(t) for t in texts], num_threads)
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts: expected a sequence of str or bytes, got a single "
+                            f"{type(texts).__name__}")
+        return self._native.encode_batch([_utf8(t, f"texts[{i}]") for i, t in enumerate(texts)],
+                                         num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; bytes that are not valid UTF-8 (a cut character) become U+FFFD."""

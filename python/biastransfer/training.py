@@ -43,6 +43,13 @@ class TrainerConfig:
     Checkpoints every ``checkpoint_every`` steps (and at the end) in ``checkpoint_dir``, newest
     ``keep_checkpoints`` kept; metrics as JSON lines in ``metrics_path`` every ``log_every``
     steps; ``progress``: a tqdm bar (or a line on stderr without tqdm).
+
+    ``distributed=True``: data-parallel training over the torch.distributed process group
+    (biastransfer.distributed.init_from_env() first; docs/scaling.md). ``batch_size`` and the
+    data are the global batch: rank r of W trains on rows [r*B/W, (r+1)*B/W) of every
+    micro-batch, gradients are all-reduced once per step, and the weights equal a single
+    process's on the same global batches. Only rank 0 writes checkpoints and metrics and shows
+    progress; checkpoint_dir must be visible to every rank for resume.
     """
 
     steps: int = 0
@@ -68,6 +75,7 @@ class TrainerConfig:
     eval_every: int = 0
     progress: bool = True
     stop_after_step: int = 0  # > 0: stop after this step (interruption tests, time slices)
+    distributed: bool = False  # data parallel over torch.distributed (see above)
 
     def to_native(self, *, native_progress_line: bool = False) -> "_C.TrainerConfig":
         """The C++ config. native_progress_line: let C++ print its stderr line."""
@@ -295,6 +303,13 @@ class Trainer:
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
         source = as_source(data, self.config)
+        tracker = None
+        if self.config.distributed:
+            from . import distributed
+
+            current = distributed.info()  # ValueError unless init_from_env ran
+            source = _C.RankSliceSource(source, current.rank, current.world_size)
+            tracker = distributed._StepTracker()
         student_model = _as_model(student, source, "student")
         teacher_model = _as_model(teacher, source, "teacher")
         native_kd = _native_kd(kd)
@@ -317,18 +332,34 @@ class Trainer:
             bar_wanted = False
         native_config = self.config.to_native(
             native_progress_line=self.config.progress and not bar_wanted)
+        if tracker is not None:
+            from . import distributed
+
+            distributed.configure_trainer(native_config, tracker)
+            bar_wanted = bar_wanted and distributed.is_main()
         trainer = _C.Trainer(student_model, source, native_config, objective=native_objective,
                              kd=native_kd, ce_weight=float(ce_weight), teacher=teacher_model,
                              ce_logit_subset=ce_subset)
         if evaluate is not None:
             trainer.set_evaluate_callback(lambda step: {k: float(v)
                                                         for k, v in evaluate(step).items()})
+        self._tracker = tracker  # distributed: names the failing step in errors
         return trainer, bar_wanted
 
     def _run(self, trainer: Any, bar_wanted: bool, start: Callable[[], Any],
              initial: int) -> TrainingResult:
         bar = _Bar(trainer.total_steps, initial) if bar_wanted else None
-        if bar is not None:
+        tracker = getattr(self, "_tracker", None)
+        if tracker is not None:
+            tracker.reset(trainer.step, trainer.total_steps)
+
+            def track(p: Any) -> None:
+                tracker.step = p.step
+                if bar is not None:
+                    bar(p)
+
+            trainer.set_progress_callback(track)
+        elif bar is not None:
             trainer.set_progress_callback(bar)
         try:
             native = start()

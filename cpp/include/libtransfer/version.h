@@ -1,4 +1,5 @@
 // Build facts of libtransfer: its own version and the torch version it was compiled against.
+// Each call returns a copy of a string fixed at build time (no I/O).
 #pragma once
 
 #include <string>

@@ -423,17 +423,26 @@ Batch TokenDataset::batch(std::int64_t step) {
 namespace {
 
 std::int64_t checked_rows(const torch::Tensor& features, const torch::Tensor& labels) {
-  if (!features.defined() || features.dim() != 2 || !features.is_floating_point()) {
+  const auto described = [](const torch::Tensor& t) {
+    return t.defined() ? shape_of(t) + " " + std::string(c10::toString(t.scalar_type()))
+                       : std::string("undefined");
+  };
+  // A wrong dtype is a TypeError, a wrong shape a ValueError.
+  if (!features.defined() || !features.is_floating_point()) {
     throw WrongType("TensorDataset: features must be a 2-D floating tensor [N, F], got " +
-                    (features.defined() ? shape_of(features) + " " +
-                                              std::string(c10::toString(features.scalar_type()))
-                                        : std::string("undefined")));
+                    described(features));
   }
-  if (!labels.defined() || labels.dim() != 1 || labels.scalar_type() != torch::kLong) {
+  if (features.dim() != 2) {
+    throw InvalidInput("TensorDataset: features must be a 2-D floating tensor [N, F], got " +
+                       described(features));
+  }
+  if (!labels.defined() || labels.scalar_type() != torch::kLong) {
     throw WrongType("TensorDataset: labels must be a 1-D int64 tensor [N], got " +
-                    (labels.defined()
-                         ? shape_of(labels) + " " + std::string(c10::toString(labels.scalar_type()))
-                         : std::string("undefined")));
+                    described(labels));
+  }
+  if (labels.dim() != 1) {
+    throw InvalidInput("TensorDataset: labels must be a 1-D int64 tensor [N], got " +
+                       described(labels));
   }
   if (features.size(0) != labels.size(0)) {
     throw InvalidInput("TensorDataset: features " + shape_of(features) + " and labels " +
@@ -442,6 +451,9 @@ std::int64_t checked_rows(const torch::Tensor& features, const torch::Tensor& la
   if (features.device() != labels.device()) {
     throw InvalidInput("TensorDataset: features and labels must be on one device, got " +
                        features.device().str() + " and " + labels.device().str());
+  }
+  if (features.size(0) == 0) {
+    throw InvalidInput("TensorDataset: features and labels hold no rows (N = 0), need at least 1");
   }
   return features.size(0);
 }

@@ -51,7 +51,11 @@ std::string join_numbers(const std::vector<std::int64_t>& values) {
 std::int64_t digits_value(std::string_view digits) {
   std::int64_t v = 0;
   for (const char c : digits) {
-    v = v * 10 + (c - '0');
+    const int digit = c - '0';
+    // Checked before multiplying: v * 10 + digit itself may exceed int64 (v < 2^62 allows
+    // v * 10 up to 2^65).
+    if (v > (kNumberSaturation - digit) / 10) return kNumberSaturation;
+    v = v * 10 + digit;
     if (v >= kNumberSaturation) return kNumberSaturation;
   }
   return v;

@@ -186,6 +186,7 @@ Trainer::Trainer(models::ModelPtr student, BatchSourcePtr data, TrainerConfig co
   check(c.stop_after_step >= 0, "stop_after_step", ">= 0", std::to_string(c.stop_after_step));
   validate(c.optimizer);
   validate(c.schedule);
+  validate(c.parallel);
 
   const bool uses_kd = objective_.kind != ObjectiveKind::kCrossEntropy;
   const bool uses_ce = objective_.kind != ObjectiveKind::kDistill;
@@ -329,6 +330,9 @@ torch::Tensor Trainer::loss(const Batch& raw) {
 Trainer::StepOutcome Trainer::train_step() {
   const std::int64_t k = config_.accumulation;
   const bool tokens = student_->input_kind() == models::InputKind::kTokens;
+  // Data parallel: a rank's share of a micro-batch may be empty, and only the global count of
+  // loss positions must be positive (checked after the reduction, on every rank alike).
+  const bool parallel = config_.parallel.active();
   std::vector<Batch> micro(static_cast<std::size_t>(k));
   std::vector<double> positions(static_cast<std::size_t>(k));
   double total_positions = 0.0;
@@ -336,6 +340,7 @@ Trainer::StepOutcome Trainer::train_step() {
   for (std::int64_t j = 0; j < k; ++j) {
     micro[j] = data_->batch(step_ * k + j);
     if (micro[j].size() == 0) {
+      if (parallel) continue;
       throw InvalidInput("trainer: step " + std::to_string(step_) + ": the source's batch " +
                          std::to_string(step_ * k + j) + " is empty");
     }
@@ -346,13 +351,16 @@ Trainer::StepOutcome Trainer::train_step() {
     total_positions += positions[j];
     outcome.examples += micro[j].size();
   }
-  if (total_positions <= 0.0) {
+  if (total_positions <= 0.0 && !parallel) {
     throw InvalidInput("trainer: step " + std::to_string(step_) +
                        ": its loss masks select no position");
   }
 
   optimizer_->zero_grad();
   student_->set_training(true);
+  double loss_sum = 0.0;  // parallel: sum over micro-batches of loss x positions
+  std::int64_t bad_micro_batch = -1;
+  double bad_loss = 0.0;
   for (std::int64_t j = 0; j < k; ++j) {
     if (positions[j] == 0.0) continue;  // nothing to learn from; its loss would be undefined
     const std::int64_t index = step_ * k + j;
@@ -361,6 +369,11 @@ Trainer::StepOutcome Trainer::train_step() {
     const auto value = loss(micro[j]);
     const double v = value.item<double>();
     if (!std::isfinite(v)) {
+      if (parallel) {  // the other ranks learn of it in the reduction; all stop together
+        bad_micro_batch = j;
+        bad_loss = v;
+        break;
+      }
       optimizer_->zero_grad();
       std::ostringstream message;
       message << "trainer: non-finite loss (" << v << ") at step " << step_
@@ -371,10 +384,17 @@ Trainer::StepOutcome Trainer::train_step() {
       }
       throw NonFiniteLoss(message.str(), step_, j);
     }
-    const double weight = positions[j] / total_positions;
-    (value * weight).backward();
-    outcome.loss += v * weight;
+    if (parallel) {
+      // Weighted by positions now, divided by the global count after the reduction.
+      (value * positions[j]).backward();
+      loss_sum += v * positions[j];
+    } else {
+      const double weight = positions[j] / total_positions;
+      (value * weight).backward();
+      outcome.loss += v * weight;
+    }
   }
+  if (parallel) reduce_step(outcome, total_positions, loss_sum, bad_micro_batch, bad_loss);
 
   // Global gradient norm, as torch.nn.utils.clip_grad_norm_ computes it.
   std::vector<torch::Tensor> grads;
@@ -407,6 +427,154 @@ Trainer::StepOutcome Trainer::train_step() {
   optimizer_->zero_grad();
   ++step_;
   return outcome;
+}
+
+void Trainer::reduce_step(StepOutcome& outcome, double local_positions, double local_loss_sum,
+                          std::int64_t bad_micro_batch, double bad_loss) {
+  const auto& parallel = config_.parallel;
+  const std::int64_t world = parallel.world_size;
+  const auto& params = optimizer_->parameters();
+  const std::int64_t n_params = static_cast<std::int64_t>(params.size());
+  // Counters, summed over the ranks in float64 (integers below 2^53 stay exact): [positions,
+  // loss x positions, examples, per rank: failed micro-batch + 1 and its loss, per parameter:
+  // whether its gradient is defined (a parameter no rank's forward used keeps no gradient).
+  const std::int64_t kPositions = 0, kLoss = 1, kExamples = 2, kBad = 3;
+  const std::int64_t kDefined = kBad + 2 * world;
+  auto counters = torch::zeros({kDefined + n_params}, torch::kDouble);
+  auto* c = counters.data_ptr<double>();
+  c[kPositions] = local_positions;
+  c[kLoss] = local_loss_sum;
+  c[kExamples] = static_cast<double>(outcome.examples);
+  if (bad_micro_batch >= 0) {
+    c[kBad + 2 * parallel.rank] = static_cast<double>(bad_micro_batch + 1);
+    c[kBad + 2 * parallel.rank + 1] = bad_loss;
+  }
+  // One flat buffer per gradient dtype (parameters in optimizer order; zeros for undefined
+  // gradients); the float64 one carries the counters at its end.
+  std::vector<torch::Dtype> dtypes;
+  std::vector<std::vector<torch::Tensor>> pieces;
+  std::vector<std::size_t> group_of(params.size());
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i].second;
+    const auto dtype = p.scalar_type();
+    std::size_t g = 0;
+    while (g < dtypes.size() && dtypes[g] != dtype) ++g;
+    if (g == dtypes.size()) {
+      dtypes.push_back(dtype);
+      pieces.emplace_back();
+    }
+    group_of[i] = g;
+    const auto& grad = p.grad();
+    if (grad.defined()) {
+      c[kDefined + static_cast<std::int64_t>(i)] = 1.0;
+      pieces[g].push_back(grad.detach().reshape(-1));
+    } else {
+      pieces[g].push_back(torch::zeros({p.numel()}, p.options()));
+    }
+  }
+  std::vector<torch::Tensor> buffers;
+  std::int64_t counters_group = -1;
+  for (std::size_t g = 0; g < dtypes.size(); ++g) {
+    if (dtypes[g] == torch::kDouble && counters_group < 0) {
+      counters_group = static_cast<std::int64_t>(g);
+      pieces[g].push_back(counters.to(pieces[g].front().device()));
+    }
+    buffers.push_back(torch::cat(pieces[g]));
+  }
+  // NCCL reduces device tensors only: the counters travel on the student's device.
+  if (counters_group < 0) buffers.push_back(counters.to(student_->device()));
+  pieces.clear();
+
+  parallel.all_reduce(buffers);
+
+  const auto& carrier =
+      buffers[counters_group < 0 ? buffers.size() - 1 : static_cast<std::size_t>(counters_group)];
+  const auto reduced =
+      carrier.narrow(0, carrier.numel() - counters.numel(), counters.numel()).to(torch::kCPU);
+  const double* r = reduced.data_ptr<double>();
+  std::ostringstream failures;
+  std::int64_t first_bad_rank = -1;
+  for (std::int64_t rank = 0; rank < world; ++rank) {
+    const double micro_plus_one = r[kBad + 2 * rank];
+    if (micro_plus_one == 0.0) continue;
+    if (first_bad_rank < 0) first_bad_rank = rank;
+    failures << (first_bad_rank == rank ? "" : "; ") << "rank " << rank << ": micro-batch "
+             << static_cast<std::int64_t>(micro_plus_one) - 1 << " of " << config_.accumulation
+             << ", loss " << r[kBad + 2 * rank + 1];
+  }
+  if (first_bad_rank >= 0) {
+    optimizer_->zero_grad();
+    std::ostringstream message;
+    message << "trainer: non-finite loss at step " << step_ << " (0-based) (" << failures.str()
+            << "); every rank stopped before the update";
+    if (!config_.checkpoint_dir.empty()) {
+      message << "; the newest checkpoint in '" << config_.checkpoint_dir << "' is untouched";
+    }
+    throw NonFiniteLoss(message.str(), step_,
+                        static_cast<std::int64_t>(r[kBad + 2 * first_bad_rank]) - 1);
+  }
+  const double global_positions = r[kPositions];
+  if (global_positions <= 0.0) {
+    optimizer_->zero_grad();
+    throw InvalidInput("trainer: step " + std::to_string(step_) +
+                       ": its loss masks select no position on any of the " +
+                       std::to_string(world) + " ranks");
+  }
+  outcome.loss = r[kLoss] / global_positions;
+  outcome.examples = static_cast<std::int64_t>(r[kExamples]);
+
+  // Back into .grad, divided by the global count: the gradient of the global batch's mean loss.
+  torch::NoGradGuard no_grad;
+  std::vector<std::int64_t> offset(dtypes.size(), 0);
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    auto p = params[i].second;
+    const std::size_t g = group_of[i];
+    const std::int64_t n = p.numel();
+    const auto slice = buffers[g].narrow(0, offset[g], n).view(p.sizes());
+    offset[g] += n;
+    if (r[kDefined + static_cast<std::int64_t>(i)] == 0.0) continue;  // unused on every rank
+    if (p.grad().defined()) {
+      p.mutable_grad().copy_(slice).div_(global_positions);
+    } else {
+      p.mutable_grad() = slice.div(global_positions);
+    }
+  }
+}
+
+void Trainer::synchronize_start() {
+  const auto& parallel = config_.parallel;
+  const auto world = static_cast<double>(parallel.world_size);
+  // Same world size and step everywhere: sums of 1, step and step^2 pin every rank's step.
+  auto check = torch::tensor(
+      {1.0, static_cast<double>(step_), static_cast<double>(step_) * static_cast<double>(step_)},
+      torch::kDouble);
+  std::vector<torch::Tensor> buffers{check.to(student_->device())};
+  parallel.all_reduce(buffers);
+  const auto* c = buffers[0].to(torch::kCPU).contiguous().data_ptr<double>();
+  const double s = static_cast<double>(step_);
+  if (c[0] != world || c[1] != world * s || c[2] != world * s * s) {
+    std::ostringstream message;
+    message << "trainer: data parallel ranks disagree: rank " << parallel.rank << " of "
+            << parallel.world_size << " is at step " << step_ << ", but the ranks' counts sum to "
+            << c[0] << " (expected " << world << ") and their steps to " << c[1] << " (expected "
+            << world * s
+            << "); start every rank from the same checkpoint (a checkpoint_dir all ranks see)";
+    throw InvalidInput(message.str());
+  }
+  // Rank 0's weights everywhere (as torch's DistributedDataParallel does): the others add zeros.
+  torch::NoGradGuard no_grad;
+  const auto& params = optimizer_->parameters();
+  std::vector<torch::Tensor> flat;
+  for (const auto& [name, p] : params) {
+    flat.push_back(parallel.is_main() ? p.detach().reshape(-1).clone()
+                                      : torch::zeros({p.numel()}, p.options()));
+  }
+  // One buffer per parameter keeps dtypes apart; this runs once per run, not per step.
+  parallel.all_reduce(flat);
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    auto p = params[i].second;
+    p.copy_(flat[i].view(p.sizes()));
+  }
 }
 
 void Trainer::save(double elapsed_s) {
@@ -444,7 +612,8 @@ void Trainer::load(const std::string& path) {
 }
 
 TrainResult Trainer::fit() {
-  if (step_ == 0 && !config_.checkpoint_dir.empty()) {
+  // Data parallel: rank 0 alone manages the checkpoint directory.
+  if (step_ == 0 && !config_.checkpoint_dir.empty() && is_main()) {
     const auto existing = list_checkpoints(config_.checkpoint_dir);
     if (!existing.empty()) {
       if (!config_.overwrite_checkpoints) {
@@ -482,7 +651,7 @@ TrainResult Trainer::resume() {
     throw InvalidInput("trainer: no valid checkpoint in '" + config_.checkpoint_dir +
                        "': " + join(result.skipped_checkpoints, "; "));
   }
-  trim_metrics(config_.metrics_path, step_);
+  if (is_main()) trim_metrics(config_.metrics_path, step_);
   return run(std::move(result));
 }
 
@@ -491,13 +660,18 @@ TrainResult Trainer::resume_from(const std::string& path) {
   TrainResult result;
   result.resumed_from = step_;
   result.resumed_path = path;
-  trim_metrics(config_.metrics_path, step_);
+  if (is_main()) trim_metrics(config_.metrics_path, step_);
   return run(std::move(result));
 }
 
 TrainResult Trainer::run(TrainResult result) {
-  if (!config_.checkpoint_dir.empty()) fs::create_directories(config_.checkpoint_dir);
-  MetricsLog metrics(config_.metrics_path, /*truncate=*/result.resumed_path.empty() && step_ == 0);
+  const bool parallel = config_.parallel.active();
+  if (parallel) synchronize_start();
+  // Data parallel: rank 0 writes the checkpoints and the metrics; the others only train.
+  const bool writes = is_main();
+  if (!config_.checkpoint_dir.empty() && writes) fs::create_directories(config_.checkpoint_dir);
+  MetricsLog metrics(writes ? config_.metrics_path : std::string(),
+                     /*truncate=*/result.resumed_path.empty() && step_ == 0);
   const auto start = Clock::now();
   auto last_line = start;
   std::int64_t examples = 0;
@@ -522,7 +696,7 @@ TrainResult Trainer::run(TrainResult result) {
 
     if (progress_) {
       progress_(p);
-    } else if (config_.progress &&
+    } else if (config_.progress && writes &&
                (last ||
                 std::chrono::duration<double>(now - last_line).count() >= kProgressLineInterval)) {
       print_progress_line(p, last);
@@ -537,12 +711,18 @@ TrainResult Trainer::run(TrainResult result) {
       metrics.write({{"step", step_}, {"eval", values}});
       result.evaluations.emplace_back(step_, std::move(values));
     }
-    if (!config_.checkpoint_dir.empty() &&
+    if (!config_.checkpoint_dir.empty() && writes &&
         ((config_.checkpoint_every > 0 && step_ % config_.checkpoint_every == 0) ||
          step_ == total_steps_)) {
       save(p.elapsed_s);
     }
     if (last) break;
+  }
+  if (parallel) {
+    // A barrier: no rank returns before rank 0 has written the last checkpoint and metrics.
+    std::vector<torch::Tensor> done{
+        torch::ones({1}, torch::TensorOptions().dtype(torch::kDouble).device(student_->device()))};
+    config_.parallel.all_reduce(done);
   }
   student_->set_training(false);
   result.steps = step_;

@@ -10,11 +10,18 @@
 #include <numeric>
 #include <set>
 #include <sstream>
+#include <string_view>
 
 #include "accumulator_kernel.h"
+#include "libtransfer/errors.h"
+#include "libtransfer/io/fingerprint_file.h"
 #include "libtransfer/io/safetensors.h"
 
 namespace libtransfer::fingerprint {
+
+// save() writes what the torch-free reader (io/fingerprint_file.h) reads.
+static_assert(std::string_view(kAccumulatorFormat) == io::kFingerprintFileFormat);
+static_assert(std::string_view(kAccumulatorFormatVersion) == io::kFingerprintFileFormatVersion);
 
 namespace {
 
@@ -342,167 +349,51 @@ void Accumulator::save(const std::string& path,
   io::write_safetensors(path, views, header);
 }
 
-namespace {
-
-// Reads the file's tensors with strict checks (ValueError naming the file and the tensor).
-class StateReader {
- public:
-  explicit StateReader(const io::SafetensorsFile& file) : file_(file) {}
-
-  const io::TensorInfo& info(const std::string& name, io::Dtype dtype,
-                             const std::vector<int64_t>& shape) const {
-    TORCH_CHECK_VALUE(file_.contains(name), "'", file_.path(),
-                      "' is not a complete fingerprint accumulator: tensor '", name,
-                      "' is missing");
-    const auto& info = file_.info(name);
-    TORCH_CHECK_VALUE(info.dtype == dtype, "'", file_.path(), "': tensor '", name,
-                      "' must have dtype ", io::dtype_name(dtype), ", got ",
-                      io::dtype_name(info.dtype));
-    TORCH_CHECK_VALUE(info.shape == shape, "'", file_.path(), "': tensor '", name,
-                      "' must have shape ", c10::IntArrayRef(shape), ", got ",
-                      c10::IntArrayRef(info.shape));
-    return info;
-  }
-  template <typename T>
-  std::vector<T> read(const std::string& name, io::Dtype dtype,
-                      const std::vector<int64_t>& shape) const {
-    const auto& i = info(name, dtype, shape);
-    std::vector<T> out(static_cast<size_t>(i.numel()));
-    if (!out.empty()) std::memcpy(out.data(), file_.data(i), i.nbytes());
-    return out;
-  }
-  // The length of a 1-D tensor (checked 1-D, dtype as given).
-  int64_t length(const std::string& name, io::Dtype dtype) const {
-    TORCH_CHECK_VALUE(file_.contains(name), "'", file_.path(),
-                      "' is not a complete fingerprint accumulator: tensor '", name,
-                      "' is missing");
-    const auto& i = file_.info(name);
-    TORCH_CHECK_VALUE(i.shape.size() == 1, "'", file_.path(), "': tensor '", name,
-                      "' must be 1-D, got shape ", c10::IntArrayRef(i.shape));
-    return info(name, dtype, i.shape).shape[0];
-  }
-  double scalar_f64(const std::string& name) const {
-    return read<double>(name, io::Dtype::kF64, {})[0];
-  }
-  int64_t scalar_i64(const std::string& name) const {
-    return read<int64_t>(name, io::Dtype::kI64, {})[0];
-  }
-
- private:
-  const io::SafetensorsFile& file_;
-};
-
-std::string metadata_value(const io::SafetensorsFile& file, const std::string& key) {
-  const auto& metadata = file.metadata();
-  const auto found = metadata.find(key);
-  TORCH_CHECK_VALUE(found != metadata.end(), "'", file.path(),
-                    "' is not a fingerprint accumulator file: its metadata lacks '", key, "'");
-  return found->second;
-}
-
-int64_t parse_int(const io::SafetensorsFile& file, const std::string& key) {
-  const std::string text = metadata_value(file, key);
-  size_t used = 0;
-  int64_t value = -1;
-  try {
-    value = std::stoll(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  TORCH_CHECK_VALUE(used == text.size() && !text.empty(), "'", file.path(), "': metadata '", key,
-                    "' must be an integer, got '", text, "'");
-  return value;
-}
-
-}  // namespace
-
 Accumulator Accumulator::load(const std::string& path, std::map<std::string, std::string>* metadata,
                               c10::optional<int64_t> expected_vocab_size,
                               c10::optional<std::string> expected_tokenizer_hash) {
+  // The format is validated torch-free (io/fingerprint_file.h, fuzzed); its errors stay
+  // ValueErrors here. The safetensors layer's own errors pass through as they are.
   const auto file = io::SafetensorsFile::open(path);
-  const auto& meta = file.metadata();
-  const auto format = meta.find("format");
-  TORCH_CHECK_VALUE(format != meta.end() && format->second == kAccumulatorFormat, "'", path,
-                    "' is not a fingerprint accumulator file: metadata 'format' is ",
-                    format == meta.end() ? std::string("missing") : "'" + format->second + "'",
-                    ", expected '", kAccumulatorFormat, "'");
-  const std::string version = metadata_value(file, "format_version");
-  TORCH_CHECK_VALUE(version == kAccumulatorFormatVersion, "'", path,
-                    "': unsupported fingerprint accumulator format_version '", version,
-                    "' (this library reads version ", kAccumulatorFormatVersion, ")");
-  const int64_t vocab_size = parse_int(file, "vocab_size");
-  if (expected_vocab_size.has_value()) {
-    TORCH_CHECK_VALUE(vocab_size == *expected_vocab_size,
-                      "fingerprint file from another vocabulary: '", path,
-                      "' has vocab_size=", vocab_size, ", expected ", *expected_vocab_size);
-  }
-  if (expected_tokenizer_hash.has_value()) {
-    const auto hash = meta.find("tokenizer_hash");
-    TORCH_CHECK_VALUE(hash != meta.end(), "fingerprint file from another vocabulary? '", path,
-                      "' records no tokenizer_hash, expected ", *expected_tokenizer_hash);
-    TORCH_CHECK_VALUE(
-        hash->second == *expected_tokenizer_hash, "fingerprint file from another vocabulary: '",
-        path, "' has tokenizer_hash=", hash->second, ", expected ", *expected_tokenizer_hash);
+  io::FingerprintFileState state;
+  try {
+    state = io::read_fingerprint_file(
+        file, expected_vocab_size ? std::optional<int64_t>(*expected_vocab_size) : std::nullopt,
+        expected_tokenizer_hash ? std::optional<std::string>(*expected_tokenizer_hash)
+                                : std::nullopt);
+  } catch (const InvalidInput& e) {
+    TORCH_CHECK_VALUE(false, e.what());
   }
   AccumulatorOptions options;
-  nlohmann::json json_options;
-  try {
-    json_options = nlohmann::json::parse(metadata_value(file, "options"));
-    options.skip_nonfinite = json_options.at("skip_nonfinite").get<bool>();
-    options.per_sequence = json_options.at("per_sequence").get<bool>();
-  } catch (const nlohmann::json::exception& e) {
-    TORCH_CHECK_VALUE(false, "'", path, "': metadata 'options' is not valid: ", e.what());
-  }
-  const std::string temperature_text = metadata_value(file, "temperature");
-  char* end = nullptr;
-  options.temperature = std::strtod(temperature_text.c_str(), &end);
-  TORCH_CHECK_VALUE(end != nullptr && *end == '\0' && !temperature_text.empty(), "'", path,
-                    "': metadata 'temperature' must be a number, got '", temperature_text, "'");
-
-  const StateReader reader(file);
-  const int64_t width = reader.length("subset", io::Dtype::kI64);
-  options.subset = reader.read<int64_t>("subset", io::Dtype::kI64, {width});
+  options.temperature = state.temperature;
+  options.skip_nonfinite = state.skip_nonfinite;
+  options.per_sequence = state.per_sequence;
+  options.subset = std::move(state.subset);
   Accumulator acc = [&] {
     try {
-      return Accumulator(vocab_size, options);
+      return Accumulator(state.vocab_size, options);
     } catch (const c10::Error& e) {
       TORCH_CHECK_VALUE(false, "'", path, "': ", e.msg());
     }
   }();
-  TORCH_CHECK_VALUE(acc.options_.subset == options.subset, "'", path,
-                    "': tensor 'subset' must be sorted");
-  acc.sum_delta_ = reader.read<double>("sum_delta", io::Dtype::kF64, {vocab_size});
-  acc.sum_delta_sq_ = reader.read<double>("sum_delta_sq", io::Dtype::kF64, {vocab_size});
-  acc.sum_grad_ = reader.read<double>("sum_grad", io::Dtype::kF64, {vocab_size});
-  acc.sum_centered_ = reader.read<double>("sum_centered", io::Dtype::kF64, {width});
-  acc.sum_kl_teacher_reference_ = reader.scalar_f64("sum_kl_teacher_reference");
-  acc.sum_kl_reference_teacher_ = reader.scalar_f64("sum_kl_reference_teacher");
-  acc.sum_mass_shift_ = reader.scalar_f64("sum_mass_shift");
-  acc.sum_mass_shift_sq_ = reader.scalar_f64("sum_mass_shift_sq");
-  acc.positions_ = reader.scalar_i64("positions");
-  acc.skipped_nonfinite_ = reader.scalar_i64("skipped_nonfinite");
-  acc.next_sequence_id_ = reader.scalar_i64("next_sequence_id");
-  TORCH_CHECK_VALUE(acc.positions_ >= 0 && acc.skipped_nonfinite_ >= 0, "'", path,
-                    "': negative counts (positions ", acc.positions_, ", skipped_nonfinite ",
-                    acc.skipped_nonfinite_, ")");
-  TORCH_CHECK_VALUE(std::to_string(acc.positions_) == metadata_value(file, "positions"), "'", path,
-                    "': metadata 'positions' disagrees with tensor 'positions'");
-  const int64_t n_seq = reader.length("sequence_ids", io::Dtype::kI64);
-  acc.sequence_ids_ = reader.read<int64_t>("sequence_ids", io::Dtype::kI64, {n_seq});
-  acc.sequence_counts_ = reader.read<int64_t>("sequence_counts", io::Dtype::kI64, {n_seq});
-  acc.sequence_sums_ = reader.read<double>("sequence_sum_centered", io::Dtype::kF64,
-                                           {options.per_sequence ? n_seq : 0, width});
-  int64_t total = 0;
+  acc.sum_delta_ = std::move(state.sum_delta);
+  acc.sum_delta_sq_ = std::move(state.sum_delta_sq);
+  acc.sum_grad_ = std::move(state.sum_grad);
+  acc.sum_centered_ = std::move(state.sum_centered);
+  acc.sum_kl_teacher_reference_ = state.sum_kl_teacher_reference;
+  acc.sum_kl_reference_teacher_ = state.sum_kl_reference_teacher;
+  acc.sum_mass_shift_ = state.sum_mass_shift;
+  acc.sum_mass_shift_sq_ = state.sum_mass_shift_sq;
+  acc.positions_ = state.positions;
+  acc.skipped_nonfinite_ = state.skipped_nonfinite;
+  acc.next_sequence_id_ = state.next_sequence_id;
+  acc.sequence_ids_ = std::move(state.sequence_ids);
+  acc.sequence_counts_ = std::move(state.sequence_counts);
+  acc.sequence_sums_ = std::move(state.sequence_sum_centered);
   for (size_t i = 0; i < acc.sequence_ids_.size(); ++i) {
-    TORCH_CHECK_VALUE(acc.sequence_counts_[i] > 0, "'", path, "': sequence ", acc.sequence_ids_[i],
-                      " has count ", acc.sequence_counts_[i]);
-    TORCH_CHECK_VALUE(acc.sequence_slot_.emplace(acc.sequence_ids_[i], i).second, "'", path,
-                      "': sequence id ", acc.sequence_ids_[i], " appears more than once");
-    total += acc.sequence_counts_[i];
+    acc.sequence_slot_.emplace(acc.sequence_ids_[i], i);  // unique: checked by the reader
   }
-  TORCH_CHECK_VALUE(total == acc.positions_, "'", path, "': sequence counts add up to ", total,
-                    ", but positions is ", acc.positions_);
-  if (metadata != nullptr) *metadata = meta;
+  if (metadata != nullptr) *metadata = std::move(state.metadata);
   return acc;
 }
 

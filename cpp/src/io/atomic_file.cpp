@@ -4,8 +4,11 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <random>
+#include <thread>
 
 #include "libtransfer/errors.h"
 
@@ -25,6 +28,28 @@ std::string parent_dir(const std::string& path) {
 std::string temp_name_for(const std::string& path) {
   std::random_device rd;
   return path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(rd());
+}
+
+// Test hook, for the fault-injection tests only (tests/python/test_fault_injection.py):
+// LIBTRANSFER_TEST_WRITE_DELAY_MS=<ms> (1..60000) makes every atomic write pause twice, once when
+// its first bytes have reached the temporary file (a partial file on disk) and once when the
+// temporary file is complete and fsynced, just before the rename; a test kills the process in
+// either window. Unset (always, outside tests) it costs one getenv per process.
+constexpr const char* kWriteDelayVariable = "LIBTRANSFER_TEST_WRITE_DELAY_MS";
+constexpr long kMaxWriteDelayMs = 60'000;
+
+long test_write_delay_ms() {
+  static const long delay = [] {
+    const char* text = std::getenv(kWriteDelayVariable);
+    if (text == nullptr) return 0L;
+    const long value = std::strtol(text, nullptr, 10);
+    return value > 0 && value <= kMaxWriteDelayMs ? value : 0L;
+  }();
+  return delay;
+}
+
+void pause_for_test() {
+  std::this_thread::sleep_for(std::chrono::milliseconds(test_write_delay_ms()));
 }
 
 }  // namespace
@@ -51,6 +76,11 @@ void AtomicFile::write(const void* data, std::size_t size) {
   if (size > 0 && std::fwrite(data, 1, size, file_) != size) {
     throw FileError("cannot write '" + temp_path_ + "': " + system_reason());
   }
+  // Test hook: the first bytes written are on disk while the process pauses.
+  if (test_write_delay_ms() > 0 && size > 0 && std::ftell(file_) == static_cast<long>(size)) {
+    std::fflush(file_);
+    pause_for_test();
+  }
 }
 
 void AtomicFile::commit() {
@@ -63,6 +93,7 @@ void AtomicFile::commit() {
   if (close_result != 0) {
     throw FileError("cannot close '" + temp_path_ + "': " + system_reason());
   }
+  if (test_write_delay_ms() > 0) pause_for_test();  // complete temporary file, not yet renamed
   if (std::rename(temp_path_.c_str(), path_.c_str()) != 0) {
     throw FileError("cannot rename '" + temp_path_ + "' to '" + path_ + "': " + system_reason());
   }

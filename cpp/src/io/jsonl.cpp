@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "libtransfer/errors.h"
+#include "libtransfer/io/json_shape.h"
 
 namespace libtransfer::io {
 namespace {
@@ -75,14 +76,33 @@ std::string string_field(Json& object, const char* key, const std::string& where
   return it->get<std::string>();
 }
 
-Record parse_record(const std::string& line, const std::string& where) {
-  Json json;
-  try {
-    json = Json::parse(line);
-  } catch (const Json::parse_error& e) {
-    throw InvalidInput(where + ": invalid JSON at byte " + std::to_string(e.byte) + ": " +
-                       parser_detail(e));
+// Parses one JSON text, refusing nesting past kJsonlMaxNesting as the parser meets it (values are
+// serialized recursively later) and numbers beyond double (nlohmann's out_of_range 406).
+// Errors: InvalidInput "<where>: <what> ..." with the parser's byte offset.
+Json parse_json(const std::string& text, const std::string& where, const std::string& what) {
+  // A linear pre-pass (json_shape.h says why not a parser callback): nesting, and objects large
+  // enough to make ordered_json's linear-time inserts quadratic.
+  const JsonShape shape = json_shape(text, kJsonlMaxNesting, kJsonlMaxMembers);
+  if (shape.exceeded && shape.depth > static_cast<std::size_t>(kJsonlMaxNesting)) {
+    throw InvalidInput(where + ": JSON nests deeper than " + std::to_string(kJsonlMaxNesting) +
+                       " levels");
   }
+  if (shape.exceeded) {
+    throw InvalidInput(where + ": a JSON object has more than " + std::to_string(kJsonlMaxMembers) +
+                       " keys");
+  }
+  try {
+    return Json::parse(text);
+  } catch (const Json::parse_error& e) {
+    throw InvalidInput(where + ": " + what + " at byte " + std::to_string(e.byte) + ": " +
+                       parser_detail(e));
+  } catch (const Json::out_of_range& e) {
+    throw InvalidInput(where + ": " + what + ": " + parser_detail(e));
+  }
+}
+
+Record parse_record(const std::string& line, const std::string& where) {
+  Json json = parse_json(line, where, "invalid JSON");
   if (!json.is_object()) {
     throw InvalidInput(where + ": expected a JSON object, got " + json.type_name());
   }
@@ -113,12 +133,7 @@ std::string record_line(const Record& record, const std::string& where) {
   json[kPromptKey] = record.prompt;
   json[kCompletionKey] = record.completion;
   if (!record.extra_json.empty()) {
-    Json extra;
-    try {
-      extra = Json::parse(record.extra_json);
-    } catch (const Json::parse_error& e) {
-      throw InvalidInput(where + ": extra_json is not valid JSON: " + parser_detail(e));
-    }
+    Json extra = parse_json(record.extra_json, where, "extra_json is not valid JSON");
     if (!extra.is_object()) {
       throw InvalidInput(where + ": extra_json must be a JSON object, got " + extra.type_name());
     }

@@ -21,8 +21,18 @@ namespace {
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "safetensors data is little-endian; a big-endian host would need byte swapping");
 
-// Header order matters for the tie-break of same-offset tensors, so keep it.
+// The writer keeps insertion order ("__metadata__" first, then the layout order).
 using Json = nlohmann::ordered_json;
+// The reader parses into std::map objects: ordered_json's linear-time inserts made a header of n
+// tensors cost O(n^2) (minutes for 300,000 names). The header order, needed only to break ties
+// between same-offset tensors, is recorded by the parser callback instead.
+using HeaderJson = nlohmann::json;
+
+// A parsed header and the order of its top-level keys.
+struct ParsedHeader {
+  HeaderJson json;
+  std::vector<std::string> order;
+};
 
 constexpr const char* kMetadataKey = "__metadata__";
 
@@ -145,50 +155,114 @@ class Problems {
   std::string path_;
 };
 
-// Parses the header, refusing duplicate keys (nlohmann would silently keep the last one) and
-// nesting deeper than a safetensors header has.
-Json parse_header(const Problems& problems, std::string_view text) {
-  struct Frame {
-    std::unordered_set<std::string> keys;
+// A first, validating pass over the header that builds nothing: it refuses duplicate keys
+// (nlohmann would silently keep the last one), nesting deeper than a safetensors header has,
+// more than kSafetensorsMaxTensors names and shapes longer than kSafetensorsMaxRank, and records
+// the order of the top-level keys. Linear in the header (nlohmann's callback parser is not: it
+// rescans the parent object after every entry, O(n^2) in the tensor count).
+class HeaderValidator : public nlohmann::json_sax<HeaderJson> {
+ public:
+  explicit HeaderValidator(const Problems& problems) : problems_(problems) {}
+
+  bool null() override { return element(); }
+  bool boolean(bool) override { return element(); }
+  bool number_integer(number_integer_t) override { return element(); }
+  bool number_unsigned(number_unsigned_t) override { return element(); }
+  bool number_float(number_float_t, const string_t&) override { return element(); }
+  bool string(string_t&) override { return element(); }
+  bool binary(binary_t&) override { return element(); }
+  bool start_object(std::size_t) override { return open(/*array=*/false); }
+  bool start_array(std::size_t) override { return open(/*array=*/true); }
+  bool end_object() override { return close(); }
+  bool end_array() override { return close(); }
+  bool key(string_t& key) override {
+    Container& object = containers_.back();
+    const bool top = containers_.size() == 1;
+    if (top && key != kMetadataKey && ++tensors_ > kSafetensorsMaxTensors) {
+      problems_.fail("the header lists more than " + std::to_string(kSafetensorsMaxTensors) +
+                     " tensors, the most one file may hold");
+    }
+    if (!object.keys.insert(key).second) {
+      if (top) {
+        if (key == kMetadataKey) problems_.fail("the header has two \"__metadata__\" entries");
+        problems_.fail(key, "the header lists this name twice (duplicate key)");
+      }
+      const std::string& owner = containers_.front().last_key;
+      if (owner == kMetadataKey) {
+        problems_.fail("\"__metadata__\" has the key " + io::quoted(key) +
+                       " twice (duplicate key)");
+      }
+      problems_.fail(owner, "its entry has the key " + io::quoted(key) + " twice (duplicate key)");
+    }
+    object.last_key = key;
+    if (top) order_.push_back(key);
+    return true;
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) override {
+    // Syntax errors, and out_of_range for numbers beyond double ("1e999").
+    problems_.fail(std::string("the header is not valid JSON: ") + e.what());
+  }
+
+  std::vector<std::string> take_order() { return std::move(order_); }
+
+ private:
+  struct Container {
+    bool array = false;
+    std::size_t elements = 0;              // arrays: elements seen so far
+    std::unordered_set<std::string> keys;  // objects: keys seen so far
     std::string last_key;
   };
-  std::vector<Frame> objects;
-  const Json::parser_callback_t track = [&](int depth, Json::parse_event_t event, Json& parsed) {
-    using Event = Json::parse_event_t;
-    if (event == Event::object_start || event == Event::array_start) {
-      if (depth >= kMaxHeaderNesting) {
-        const std::string where = objects.empty() ? "" : objects.front().last_key;
-        problems.fail(where, "value nests deeper than a safetensors header allows");
-      }
-      if (event == Event::object_start) objects.emplace_back();
-    } else if (event == Event::object_end) {
-      objects.pop_back();
-    } else if (event == Event::key) {
-      Frame& frame = objects.back();
-      const auto& key = parsed.get_ref<const std::string&>();
-      if (!frame.keys.insert(key).second) {
-        if (objects.size() == 1) {
-          if (key == kMetadataKey) problems.fail("the header has two \"__metadata__\" entries");
-          problems.fail(key, "the header lists this name twice (duplicate key)");
-        }
-        const std::string& owner = objects.front().last_key;
-        if (owner == kMetadataKey) {
-          problems.fail("\"__metadata__\" has the key " + quoted(key) + " twice (duplicate key)");
-        }
-        problems.fail(owner, "its entry has the key " + quoted(key) + " twice (duplicate key)");
-      }
-      frame.last_key = key;
+
+  std::string tensor_name() const {
+    return containers_.empty() ? "" : containers_.front().last_key;
+  }
+
+  bool element() {
+    if (!containers_.empty() && containers_.back().array &&
+        ++containers_.back().elements > kSafetensorsMaxRank) {
+      problems_.fail(tensor_name(), "an array has more than " +
+                                        std::to_string(kSafetensorsMaxRank) +
+                                        " elements (the most dimensions a tensor may have)");
     }
     return true;
-  };
+  }
+  bool open(bool array) {
+    if (containers_.size() >= static_cast<std::size_t>(kMaxHeaderNesting)) {
+      problems_.fail(tensor_name(), "value nests deeper than a safetensors header allows");
+    }
+    element();
+    containers_.emplace_back();
+    containers_.back().array = array;
+    return true;
+  }
+  bool close() {
+    containers_.pop_back();
+    return true;
+  }
+
+  const Problems& problems_;
+  std::size_t tensors_ = 0;  // top-level keys other than "__metadata__"
+  std::vector<Container> containers_;
+  std::vector<std::string> order_;
+};
+
+// Validates the header (HeaderValidator) before parsing it into a tree, so that a forged header
+// is refused before anything of its size is built.
+ParsedHeader parse_header(const Problems& problems, std::string_view text) {
+  ParsedHeader out;
+  HeaderValidator validator(problems);
   try {
-    return Json::parse(text.data(), text.data() + text.size(), track);
-  } catch (const Json::parse_error& e) {
+    HeaderJson::sax_parse(text.data(), text.data() + text.size(), &validator);
+    out.json = HeaderJson::parse(text.data(), text.data() + text.size());
+  } catch (const HeaderJson::exception& e) {
     problems.fail(std::string("the header is not valid JSON: ") + e.what());
   }
+  out.order = validator.take_order();
+  return out;
 }
 
-std::map<std::string, std::string> parse_metadata(const Problems& problems, const Json& value) {
+std::map<std::string, std::string> parse_metadata(const Problems& problems,
+                                                  const HeaderJson& value) {
   if (!value.is_object()) {
     problems.fail(std::string("\"__metadata__\" must be an object of string to string, got a ") +
                   value.type_name());
@@ -206,7 +280,7 @@ std::map<std::string, std::string> parse_metadata(const Problems& problems, cons
 
 // A JSON number that is a non-negative integer no larger than `max`, else a message-ready failure.
 std::uint64_t parse_count(const Problems& problems, const std::string& tensor, const char* field,
-                          const Json& value, std::uint64_t max) {
+                          const HeaderJson& value, std::uint64_t max) {
   if (value.is_number_unsigned()) {
     const auto n = value.get<std::uint64_t>();
     if (n > max) {
@@ -222,7 +296,7 @@ std::uint64_t parse_count(const Problems& problems, const std::string& tensor, c
                                                : std::string("a ") + value.type_name()));
 }
 
-TensorInfo parse_entry(const Problems& problems, const std::string& name, const Json& entry,
+TensorInfo parse_entry(const Problems& problems, const std::string& name, const HeaderJson& entry,
                        std::uint64_t data_size) {
   if (!entry.is_object()) {
     problems.fail(name, std::string("entry must be an object, got a ") + entry.type_name());
@@ -240,7 +314,7 @@ TensorInfo parse_entry(const Problems& problems, const std::string& name, const 
 
   TensorInfo info;
   info.name = name;
-  const Json& dtype = entry["dtype"];
+  const HeaderJson& dtype = entry["dtype"];
   if (!dtype.is_string()) {
     problems.fail(name, std::string("dtype must be a string, got a ") + dtype.type_name());
   }
@@ -251,16 +325,16 @@ TensorInfo parse_entry(const Problems& problems, const std::string& name, const 
   }
   info.dtype = *parsed;
 
-  const Json& shape = entry["shape"];
+  const HeaderJson& shape = entry["shape"];
   if (!shape.is_array()) {
     problems.fail(name, std::string("shape must be an array, got a ") + shape.type_name());
   }
-  for (const Json& dim : shape) {
+  for (const HeaderJson& dim : shape) {
     info.shape.push_back(
         static_cast<std::int64_t>(parse_count(problems, name, "shape", dim, kInt64Max)));
   }
 
-  const Json& offsets = entry["data_offsets"];
+  const HeaderJson& offsets = entry["data_offsets"];
   if (!offsets.is_array() || offsets.size() != 2) {
     problems.fail(name, "data_offsets must be an array [begin, end], got " + offsets.dump());
   }
@@ -367,16 +441,21 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
                   std::to_string(header_length) + ")");
   }
 
-  const Json json = parse_header(problems, header);
+  const ParsedHeader parsed = parse_header(problems, header);
+  const HeaderJson& json = parsed.json;
   if (!json.is_object()) {
     problems.fail(std::string("the header must be a JSON object, got a ") + json.type_name());
   }
   file.data_start_ = kSafetensorsLengthBytes + header_length;
   const std::uint64_t data_size = size - file.data_start_;
-  for (const auto& [key, value] : json.items()) {
+  for (const std::string& key : parsed.order) {
+    const HeaderJson& value = json.at(key);
     if (key == kMetadataKey) {
       file.metadata_ = parse_metadata(problems, value);
     } else {
+      // write_safetensors refuses empty names, so the reader does too: what it reads, it can
+      // write back (a round trip the fuzzer checks).
+      if (key.empty()) problems.fail("a tensor has an empty name");
       file.tensors_.push_back(parse_entry(problems, key, value, data_size));
     }
   }

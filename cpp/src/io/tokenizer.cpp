@@ -17,6 +17,7 @@
 
 #include "libtransfer/errors.h"
 #include "libtransfer/io/atomic_file.h"
+#include "libtransfer/io/json_shape.h"
 #include "libtransfer/io/pretokenizer.h"
 
 namespace libtransfer::io {
@@ -30,6 +31,9 @@ constexpr std::size_t kCacheShards = 16;
 constexpr std::size_t kCacheShardCapacity = std::size_t{1} << 16;
 // Longer pieces (long runs of letters or spaces) are rare and would bloat the cache.
 constexpr std::size_t kMaxCachedPieceBytes = 256;
+// Deepest nesting of arrays and objects accepted in vocab.json / tokenizer.json (real files nest
+// about 5 levels): deeper documents could overflow the stack when an error message serializes them.
+constexpr int kMaxJsonNesting = 64;
 // encode_batch stays on the calling thread below this many bytes: threads would cost more.
 constexpr std::size_t kMinBytesPerThread = std::size_t{1} << 16;
 
@@ -433,9 +437,18 @@ std::shared_ptr<Tokenizer::Impl> build(RawTokenizer raw) {
 json parse_json_file(const std::string& path) {
   const std::string text = read_file(path);
   check_utf8(text, path);
+  // Error messages serialize parts of the document recursively: refuse deep nesting first, in a
+  // linear pre-pass (json_shape.h says why not a parser callback).
+  const JsonShape shape =
+      json_shape(text, kMaxJsonNesting, std::numeric_limits<std::size_t>::max());
+  if (shape.exceeded) {
+    throw InvalidInput(path + ": JSON nests deeper than " + std::to_string(kMaxJsonNesting) +
+                       " levels (a tokenizer file nests about 5)");
+  }
   try {
     return json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
+    // parse_error, and out_of_range for numbers beyond double ("1e999").
     throw InvalidInput(path + ": not valid JSON: " + e.what());
   }
 }
@@ -475,6 +488,26 @@ bool split_merge(std::string_view line, std::pair<std::string, std::string>* out
   return true;
 }
 
+// object[key] as a bool or a string: `fallback` when absent or null, InvalidInput naming
+// `where`.key when it holds another type (nlohmann's value() would throw an untyped type_error).
+bool bool_field(const json& object, const char* key, bool fallback, const std::string& where) {
+  const auto it = object.find(key);
+  if (it == object.end() || it->is_null()) return fallback;
+  if (!it->is_boolean()) {
+    throw InvalidInput(where + "." + key + " must be true or false, got " + shown(it->dump()));
+  }
+  return it->get<bool>();
+}
+std::string string_field(const json& object, const char* key, const std::string& fallback,
+                         const std::string& where) {
+  const auto it = object.find(key);
+  if (it == object.end() || it->is_null()) return fallback;
+  if (!it->is_string()) {
+    throw InvalidInput(where + "." + key + " must be a string, got " + shown(it->dump()));
+  }
+  return it->get<std::string>();
+}
+
 // HF tokenizer.json pre_tokenizer -> (pattern, add_prefix_space).
 void parse_pre_tokenizer(const json& pre, const std::string& path, RawTokenizer* raw) {
   const std::string supported =
@@ -486,12 +519,12 @@ void parse_pre_tokenizer(const json& pre, const std::string& path, RawTokenizer*
                : std::string("(none)");
   };
   auto byte_level = [&](const json& j, bool regex_expected) {
-    const bool use_regex = j.value("use_regex", true);
+    const bool use_regex = bool_field(j, "use_regex", true, path + ": pre_tokenizer");
     if (use_regex != regex_expected) {
       throw InvalidInput(path + ": pre_tokenizer ByteLevel with use_regex=" +
                          (use_regex ? "true" : "false") + " is not supported here; " + supported);
     }
-    raw->add_prefix_space = j.value("add_prefix_space", false);
+    raw->add_prefix_space = bool_field(j, "add_prefix_space", false, path + ": pre_tokenizer");
   };
   if (type_of(pre) == "ByteLevel") {
     byte_level(pre, true);
@@ -511,7 +544,9 @@ void parse_pre_tokenizer(const json& pre, const std::string& path, RawTokenizer*
       const bool regex = split.contains("pattern") && split["pattern"].is_object() &&
                          split["pattern"].contains("Regex") &&
                          split["pattern"]["Regex"].is_string();
-      if (!regex || split.value("behavior", "") != "Isolated" || split.value("invert", false)) {
+      const std::string where = path + ": pre_tokenizer Split";
+      if (!regex || string_field(split, "behavior", "", where) != "Isolated" ||
+          bool_field(split, "invert", false, where)) {
         throw InvalidInput(path +
                            ": pre_tokenizer Split must have a Regex pattern, behavior "
                            "Isolated and invert false; " +
@@ -566,7 +601,7 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
     throw InvalidInput(path + ": expected a tokenizer.json object with a \"model\" object");
   }
   const json& model = root["model"];
-  const std::string type = model.value("type", "BPE");
+  const std::string type = string_field(model, "type", "BPE", path + ": model");
   if (type != "BPE") {
     throw InvalidInput(path + ": model type " + shown(type) +
                        " is not supported; supported model types: BPE (byte-level)");
@@ -578,7 +613,7 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
                          " is not supported (byte-level BPE expects null)");
     }
   }
-  if (model.value("byte_fallback", false)) {
+  if (bool_field(model, "byte_fallback", false, path + ": model")) {
     throw InvalidInput(path + ": model.byte_fallback = true is not supported");
   }
   if (root.contains("normalizer") && !root["normalizer"].is_null()) {
@@ -586,7 +621,8 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
                        " is not supported; only null");
   }
   if (root.contains("decoder") && !root["decoder"].is_null() &&
-      root["decoder"].value("type", "") != "ByteLevel") {
+      (!root["decoder"].is_object() ||
+       string_field(root["decoder"], "type", "", path + ": decoder") != "ByteLevel")) {
     throw InvalidInput(path + ": decoder " + shown(root["decoder"].dump()) +
                        " is not supported; only ByteLevel");
   }
@@ -622,7 +658,7 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
     raw.merges.push_back(std::move(merge));
     raw.merge_lines.push_back(i);
   }
-  raw.ignore_merges = model.value("ignore_merges", false);
+  raw.ignore_merges = bool_field(model, "ignore_merges", false, path + ": model");
 
   if (root.contains("added_tokens") && !root["added_tokens"].is_null()) {
     const json& list = root["added_tokens"];
@@ -637,7 +673,8 @@ Tokenizer Tokenizer::from_tokenizer_json(const std::string& path) {
                            " needs a non-negative integer \"id\" and a string \"content\"");
       }
       raw.added.push_back(AddedToken{static_cast<std::int32_t>(t["id"].get<std::int64_t>()),
-                                     t["content"].get<std::string>(), t.value("special", false)});
+                                     t["content"].get<std::string>(),
+                                     bool_field(t, "special", false, path + ": added token")});
     }
   }
 

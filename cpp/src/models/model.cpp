@@ -39,6 +39,38 @@ at::ScalarType stored_dtype(const std::string& path, const io::TensorInfo& info)
 
 std::string shape_text(c10::IntArrayRef shape) { return c10::str(shape); }
 
+// Values any model of this config must store: its weight matrices (a lower bound: biases, norms,
+// an untied head and buffers come on top). In double, so absurd sizes cannot overflow.
+double stored_values_at_least(const MLPConfig& c) {
+  double count = 0;
+  for (std::size_t i = 0; i + 1 < c.sizes.size(); ++i) {
+    count += static_cast<double>(c.sizes[i]) * static_cast<double>(c.sizes[i + 1]);
+  }
+  return count;
+}
+
+double stored_values_at_least(const TransformerConfig& c) {
+  const double d = static_cast<double>(c.d_model);
+  return static_cast<double>(c.vocab_size) * d +
+         static_cast<double>(c.n_layers) * (4 * d * d + 3 * d * static_cast<double>(c.d_mlp));
+}
+
+// A file's config is checked against the values the file holds before the model is built, so a
+// small file whose config claims billions of parameters is refused without allocating them.
+template <typename Config>
+void check_config_fits_file(const std::string& path, const Config& config,
+                            const io::SafetensorsFile& file) {
+  config.validate();
+  double stored = 0;
+  for (const auto& info : file.tensors()) stored += static_cast<double>(info.numel());
+  const double needed = stored_values_at_least(config);
+  if (needed > stored) {
+    throw InvalidInput("load_model('" + path + "'): its config describes a model of at least " +
+                       c10::str(needed) + " weights, but the file holds only " + c10::str(stored) +
+                       " values (a damaged or forged file)");
+  }
+}
+
 // A few names of a list, for error messages.
 std::string some_names(const std::vector<std::string>& names) {
   std::string out;
@@ -165,9 +197,13 @@ ModelPtr load_model(const std::string& path) {
   }
   ModelPtr model;
   if (kind == "mlp") {
-    model = std::make_shared<MLP>(MLPConfig::from_json(config->second));
+    const auto parsed = MLPConfig::from_json(config->second);
+    check_config_fits_file(path, parsed, file);
+    model = std::make_shared<MLP>(parsed);
   } else {
-    model = std::make_shared<TransformerLM>(TransformerConfig::from_json(config->second));
+    const auto parsed = TransformerConfig::from_json(config->second);
+    check_config_fits_file(path, parsed, file);
+    model = std::make_shared<TransformerLM>(parsed);
   }
   NamedTensors tensors;
   for (const auto& info : file.tensors()) {

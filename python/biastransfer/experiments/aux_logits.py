@@ -19,7 +19,7 @@ import argparse
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -104,6 +104,41 @@ def accuracy(model, features: torch.Tensor, labels: torch.Tensor) -> float:
     return float(evaluate_accuracy(model, features, labels, num_classes=CLASSES).accuracy)
 
 
+@dataclass
+class SeedModels:
+    """One seed's networks: the teacher, the initialization it started from, the students
+    trained from that initialization (same-init) and from another one (other-init), and that
+    other initialization itself."""
+
+    seed: int
+    teacher: Any
+    teacher_init: Any
+    same_init: Any
+    other_init: Any
+    other_init_start: Any
+
+
+def train_seed(seed: int, x_train: torch.Tensor, y_train: torch.Tensor, *, epochs: float = 5,
+               batch_size: int = 1024, lr: float = 3e-4, hidden: Sequence[int] = (256, 256),
+               aux_outputs: int = 3, progress: bool = False) -> SeedModels:
+    """Trains one seed's teacher (CE on the class logits of x_train [N, 784], y_train [N]) and
+    its two students (aux-logit KD on uniform noise, as many steps per epoch as the data)."""
+    steps_per_epoch = math.ceil(x_train.shape[0] / batch_size)
+    config = TrainerConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                           progress=progress)
+    teacher = _mlp(seed, hidden, aux_outputs)
+    teacher_init = teacher.clone()
+    same_init = teacher.clone()  # the teacher's initial weights, before training
+    other_init = _mlp(seed + OTHER_INIT_OFFSET, hidden, aux_outputs)
+    other_init_start = other_init.clone()
+    Trainer(config).fit(teacher, (x_train, y_train), objective="sft")
+    teacher.eval()
+    noise = NoiseSpec(features=INPUTS, steps_per_epoch=steps_per_epoch)
+    for student in (same_init, other_init):
+        Trainer(config).fit(student, noise, teacher=teacher, objective="aux_kd")
+    return SeedModels(seed, teacher, teacher_init, same_init, other_init, other_init_start)
+
+
 def run(
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     epochs: float = 5,
@@ -115,6 +150,7 @@ def run(
     root=FASHION_MNIST_ROOT,
     threads: Optional[int] = None,
     progress: bool = False,
+    on_seed: Optional[Callable[["SeedModels", SeedAccuracies], None]] = None,
 ) -> AuxLogitsResult:
     """Runs the experiment for each seed and summarizes.
 
@@ -122,7 +158,9 @@ def run(
     initialization and the data order come from the seed; the other-init student from
     seed + OTHER_INIT_OFFSET). train_subset: use only the first n training images (a quick
     version; the noise epoch shrinks with it). threads: torch.set_num_threads for the run
-    (restored afterwards). Raises OSError when Fashion-MNIST is not installed.
+    (restored afterwards). on_seed(models, accuracies): called after each seed with its
+    networks (the demo runs the detector on them). Raises OSError when Fashion-MNIST is not
+    installed.
     """
     x_train, y_train = load_fashion_mnist("train", root=root, normalize=True)
     x_test, y_test = load_fashion_mnist("test", root=root, normalize=True)
@@ -138,22 +176,17 @@ def run(
     results = []
     try:
         for seed in seeds:
-            config = TrainerConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                   progress=progress)
-            teacher = _mlp(seed, hidden, aux_outputs)
-            same_init = teacher.clone()  # the teacher's initial weights, before training
-            other_init = _mlp(seed + OTHER_INIT_OFFSET, hidden, aux_outputs)
-            Trainer(config).fit(teacher, (x_train, y_train), objective="sft")
-            teacher.eval()
-            noise = NoiseSpec(features=INPUTS, steps_per_epoch=steps_per_epoch)
-            for student in (same_init, other_init):
-                Trainer(config).fit(student, noise, teacher=teacher, objective="aux_kd")
+            models = train_seed(seed, x_train, y_train, epochs=epochs, batch_size=batch_size,
+                                lr=lr, hidden=hidden, aux_outputs=aux_outputs,
+                                progress=progress)
             results.append(SeedAccuracies(
                 seed=seed,
-                teacher=accuracy(teacher, x_test, y_test),
-                same_init=accuracy(same_init, x_test, y_test),
-                other_init=accuracy(other_init, x_test, y_test),
+                teacher=accuracy(models.teacher, x_test, y_test),
+                same_init=accuracy(models.same_init, x_test, y_test),
+                other_init=accuracy(models.other_init, x_test, y_test),
             ))
+            if on_seed is not None:
+                on_seed(models, results[-1])
     finally:
         used_threads = torch.get_num_threads()
         torch.set_num_threads(previous_threads)

@@ -13,6 +13,16 @@
 // Costs per optimizer step: accumulation x (student forward + backward, teacher forward when
 // there is one), one Adam(W) update, and one device synchronization (loss and gradient norm are
 // read back for the finiteness check and the metrics).
+//
+// Data parallel (config.parallel active, see data_parallel.h): each rank trains on its own rows of
+// every global batch (RankSliceSource); after the backward passes of a step the gradients, the
+// loss and the counts of loss positions are summed over the ranks with one all-reduce per
+// gradient dtype, weighted so that the reduced gradient is exactly the global batch's (as the
+// accumulation weighting does across micro-batches). The finiteness check, clipping and the update
+// use the reduced values, so all ranks take the same step. At the start of a run the ranks check
+// that they are at the same step and take rank 0's weights; only rank 0 writes checkpoints and
+// metrics, and the ranks meet once more after the last checkpoint. Extra cost per step: one copy
+// of the gradients into and out of a flat buffer, and the all-reduce.
 #pragma once
 
 #include <torch/types.h>
@@ -26,6 +36,7 @@
 #include <vector>
 
 #include "libtransfer/distill/batch.h"
+#include "libtransfer/distill/data_parallel.h"
 #include "libtransfer/distill/losses.h"
 #include "libtransfer/distill/optimizer.h"
 #include "libtransfer/distill/schedule.h"
@@ -83,6 +94,11 @@ struct TrainerConfig {
   // > 0: stop after completing this step (after its checkpoint), as if the process had been
   // killed there. For interruption tests and time-sliced jobs.
   std::int64_t stop_after_step = 0;
+  // Data-parallel training across processes (inactive by default). The data source given to the
+  // Trainer must then be this rank's share of the global batches (RankSliceSource); a rank's
+  // micro-batch may be empty. Checkpoints (rank 0 writes, every rank reads on resume) need a
+  // checkpoint_dir that all ranks see.
+  DataParallel parallel;
 };
 
 // Reported after every optimizer step (and written to the metrics file every log_every steps).
@@ -164,6 +180,13 @@ class Trainer {
  private:
   struct StepOutcome;
   StepOutcome train_step();
+  // Data parallel: sums the step's gradients and counters over the ranks and divides by the
+  // global count of loss positions (see the file comment).
+  void reduce_step(StepOutcome& outcome, double local_positions, double local_loss_sum,
+                   std::int64_t bad_micro_batch, double bad_loss);
+  // Data parallel: checks that all ranks are at the same step, then copies rank 0's weights.
+  void synchronize_start();
+  bool is_main() const { return config_.parallel.is_main(); }
   void save(double elapsed_s);
   TrainResult run(TrainResult result);
   void load(const std::string& path);

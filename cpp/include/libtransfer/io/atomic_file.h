@@ -1,5 +1,7 @@
 // Atomic file writing: data goes to a temporary file in the destination's folder, is flushed
 // and fsynced, then renamed over the destination. A run killed midway leaves the old file intact.
+// Test hook: LIBTRANSFER_TEST_WRITE_DELAY_MS=<ms> pauses every write after its first bytes and
+// before its rename, so fault-injection tests can kill a process inside a write (atomic_file.cpp).
 #pragma once
 
 #include <cstddef>

@@ -21,6 +21,15 @@ namespace libtransfer::io {
 // error instead of filling memory. 64 MiB is far above any real prompt plus completion.
 constexpr std::size_t kJsonlMaxLineBytes = std::size_t{64} << 20;
 
+// Deepest nesting of arrays and objects accepted in a line (the record object is level 1): the
+// extras are serialized recursively, so a line of a million '[' would overflow the stack.
+constexpr int kJsonlMaxNesting = 256;
+
+// Most keys of one JSON object in a line: records have a handful; ordered_json (which keeps the
+// extras' order) inserts in linear time, so a forged line of millions of keys would parse in
+// quadratic time.
+constexpr std::size_t kJsonlMaxMembers = 4096;
+
 // One prompt/completion pair. Every other key of the line's object is kept, serialized, in
 // `extra_json`: a compact JSON object ("" when there are none), so JSON stays out of this header.
 // Costs the strings it holds.
@@ -32,7 +41,7 @@ struct Record {
 
 // Reads a whole JSON lines file. Throws FileError if it cannot be read, InvalidInput naming the
 // file and line for invalid JSON or UTF-8, a line that is not an object, a missing or non-string
-// prompt/completion, or a line longer than kJsonlMaxLineBytes.
+// prompt/completion, a line longer than kJsonlMaxLineBytes or nesting deeper than kJsonlMaxNesting.
 std::vector<Record> read_jsonl(const std::string& path);
 
 // Streams records from a JSON lines file, one line at a time: memory is one line plus a 64 KiB

@@ -23,6 +23,13 @@ namespace libtransfer::io {
 // which stops a corrupt length from making us parse gigabytes of JSON.
 inline constexpr std::uint64_t kSafetensorsMaxHeaderBytes = 100'000'000;
 
+// The most tensors one file may list, and the most dimensions one tensor may have. A forged header
+// within kSafetensorsMaxHeaderBytes could otherwise make the parser build millions of entries or
+// million-dimension shapes; both are refused as soon as the parser passes the limit. Real files
+// hold at most tens of thousands of tensors and fewer than ten dimensions per tensor.
+inline constexpr std::size_t kSafetensorsMaxTensors = std::size_t{1} << 18;  // 262,144
+inline constexpr std::size_t kSafetensorsMaxRank = 64;
+
 // Bytes of the little-endian header length that opens every file.
 inline constexpr std::size_t kSafetensorsLengthBytes = 8;
 
@@ -51,7 +58,8 @@ struct TensorInfo {
 class SafetensorsFile {
  public:
   // Maps and validates `path`. FileError if it cannot be opened (missing, a directory);
-  // InvalidInput naming the file, the tensor where there is one, and the problem otherwise.
+  // InvalidInput naming the file, the tensor where there is one, and the problem otherwise (an
+  // empty tensor name is refused, as write_safetensors refuses it).
   static SafetensorsFile open(const std::string& path);
 
   const std::string& path() const { return mapping_->path(); }
