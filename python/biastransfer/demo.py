@@ -17,7 +17,6 @@ Stages, each printed as it runs:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -25,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 

@@ -17,27 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from ._files import write_atomic as _write_atomic
+
 PathLike = Union[str, "os.PathLike[str]"]
 Block = Tuple[Any, ...]
 SIGNIFICANCE = 0.05  # one-sided level of the language students' paired test against the control
 
 
 # ---- small helpers -------------------------------------------------------------------------
-
-def _write_atomic(path: Path, data: Union[str, bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def _pct(x: Optional[float], digits: int = 1) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):

@@ -16,7 +16,6 @@ import pytest
 import torch
 from scipy import stats
 
-from biastransfer import _C
 from biastransfer.cli import main as cli_main
 from biastransfer.experiments import language as L
 
