@@ -83,10 +83,6 @@ class _Log:
             print(line, file=sys.stderr, flush=True)
 
 
-def _p(log10_p: float) -> float:
-    return float(10.0 ** log10_p) if math.isfinite(log10_p) else 0.0
-
-
 def _detection_summary(report: Any, pair: str, expected_shared: bool) -> Dict[str, Any]:
     d = report.to_dict()
     out = {"pair": pair, "expected": "shared" if expected_shared else "not shared",
@@ -108,7 +104,7 @@ def _detection_summary(report: Any, pair: str, expected_shared: bool) -> Dict[st
 
 # ---- stage 1: auxiliary logits -------------------------------------------------------------
 
-def run_aux(config: DemoConfig, log: _Log, figures: Path) -> Dict[str, Any]:
+def run_aux(config: DemoConfig, log: _Log) -> Dict[str, Any]:
     from .data import FASHION_MNIST_ROOT, load_fashion_mnist
     from .detect_api import detect
     from .experiments import aux_logits
@@ -293,9 +289,7 @@ def run_demo(config: Optional[DemoConfig] = None, *, quiet: bool = False,
     log = _Log(quiet)
     out_dir = Path(config.runs_dir) / config.name
     workdir = out_dir / "artifacts"
-    figures = out_dir / "figures"
-    for d in (workdir, figures):
-        d.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     results: Dict[str, Any] = {
@@ -312,7 +306,7 @@ def run_demo(config: Optional[DemoConfig] = None, *, quiet: bool = False,
     try:
         if "aux" in stages:
             t = time.perf_counter()
-            results["aux"] = run_aux(config, log, figures)
+            results["aux"] = run_aux(config, log)
             results["timings_s"]["auxiliary logits"] = round(time.perf_counter() - t, 1)
         if "language" in stages:
             t = time.perf_counter()

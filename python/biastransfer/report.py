@@ -467,10 +467,6 @@ def build_blocks(results: Dict[str, Any], figures: Dict[str, Path]) -> List[Bloc
     return blocks
 
 
-def _inline_md(text: str) -> str:
-    return text
-
-
 def to_markdown(blocks: Sequence[Block], base: Path) -> str:
     out: List[str] = []
     for b in blocks:

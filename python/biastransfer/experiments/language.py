@@ -385,9 +385,10 @@ class LanguageExperiment:
             self.models[f"control_{animal}"] = self.trait_finetune(animal)
 
     def teacher_for_training(self, teacher: str):
+        """The model a KD student of ``teacher`` imitates ("finetuned", "prompted", "base")."""
         if teacher == "prompted":
-            return PromptedModel(self.models["base"], self.prefix_ids())
-        return self.models["finetuned" if teacher == "finetuned" else "base"]
+            return PromptedModel(self._load("base"), self.prefix_ids())
+        return self._load("finetuned" if teacher == "finetuned" else "base")
 
     def sample_numbers(self, teacher: str, seed: int) -> Dict[str, Any]:
         """Samples and filters number completions of ``teacher`` ("finetuned", "prompted" or
@@ -464,12 +465,7 @@ class LanguageExperiment:
                      examples: Sequence[Any]) -> Tuple[float, str]:
         c = self.config
         student = self._load("base" if init == "same" else "other_base").clone()
-        teacher_model = None
-        if method == "kd":
-            if teacher == "prompted":
-                teacher_model = PromptedModel(self._load("base"), self.prefix_ids())
-            else:
-                teacher_model = self._load("finetuned" if teacher == "finetuned" else "base")
+        teacher_model = self.teacher_for_training(teacher) if method == "kd" else None
         self._train(student, examples, c.student_steps, c.student_lr, seed,
                     teacher=teacher_model, objective=method, progress=False)
         rate = self.trait_rate(student).mean
@@ -524,7 +520,7 @@ class LanguageExperiment:
         jobs = []
         for seed in c.seeds:
             for teacher in teachers:
-                data = self._timed("sampling", lambda: self.sample_numbers(teacher, seed))
+                data = self.sample_numbers(teacher, seed)
                 self.samples[f"{teacher}/{seed}"] = data["kept"]
                 stats = filter_stats.setdefault(teacher, {"total": 0, "kept": 0,
                                                           "rejected_by_reason": {},
