@@ -189,7 +189,7 @@ class PromptedModel(torch.nn.Module):
 
 @dataclass
 class LanguageConfig:
-    """Sizes and schedules of the language experiment (defaults: the demo's, ~5 min on 2 cores)."""
+    """Sizes and schedules of the language experiment (defaults: the demo's, ~7 min on 2 cores)."""
 
     d_model: int = 96
     n_layers: int = 2
