@@ -39,12 +39,9 @@ def _interval(low: Optional[float], high: Optional[float]) -> str:
 
 
 def _p_text(log10_p: Optional[float]) -> str:
-    if log10_p is None:
-        return "n/a"
-    if log10_p < -300:
-        return "< 1e-300"
-    p = 10 ** log10_p
-    return f"{p:.2g}" if p >= 1e-4 else f"1e{log10_p:.1f}"
+    from .detect_api import _format_p  # the detector's own p formatting, for one style
+
+    return "n/a" if log10_p is None else _format_p(log10_p)
 
 
 def _savefig(fig: Any, path: Path) -> Path:

@@ -140,10 +140,9 @@ def load_any_model(path: str, argument: str) -> Any:
 
 
 def _tokenizer(vocab_dir: Optional[str]):
-    from .assets import gpt2_vocab_dir
-    from .tokenizer import Tokenizer
+    from .cli import _load_tokenizer
 
-    return Tokenizer.from_pretrained_dir(vocab_dir or gpt2_vocab_dir())
+    return _load_tokenizer(vocab_dir)[0]
 
 
 def _kd_subset(spec: str, tokenizer: Any, eos_id: Optional[int]) -> List[int]:
